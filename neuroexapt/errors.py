@@ -9,14 +9,14 @@ catch ``ValueError`` or ``TypeError`` keep working.
 from __future__ import annotations
 
 __all__ = [
-    "NeuroExaptError",
+    "CheckpointError",
     "ConfigError",
+    "FunctionPreservationError",
+    "LayerNotFoundError",
+    "NeuroExaptError",
+    "SurgeryError",
     "TraceError",
     "UnsupportedModuleError",
-    "LayerNotFoundError",
-    "SurgeryError",
-    "FunctionPreservationError",
-    "CheckpointError",
 ]
 
 

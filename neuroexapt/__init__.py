@@ -1,0 +1,58 @@
+"""NeuroExapt: neural networks that change their own architecture while they train.
+
+The core API edits a live PyTorch model in place, keeping its function and its optimizer's
+state: :func:`widen`, :func:`narrow`, :func:`deepen`, :func:`add_skip`, :func:`remove_block`,
+built on :func:`trace`, which finds the groups of tensor dimensions that must change together.
+"""
+
+import logging
+
+from neuroexapt import errors, optim
+from neuroexapt.graph import (
+    ElementwiseHandler,
+    ModelGraph,
+    PerUnitHandler,
+    ProducerHandler,
+    list_handlers,
+    register_handler,
+    trace,
+)
+from neuroexapt.ops import (
+    Checkpoint,
+    EditRecord,
+    add_skip,
+    deepen,
+    get_history,
+    load,
+    narrow,
+    remove_block,
+    save,
+    widen,
+)
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "EditRecord",
+    "ElementwiseHandler",
+    "ModelGraph",
+    "PerUnitHandler",
+    "ProducerHandler",
+    "__version__",
+    "add_skip",
+    "deepen",
+    "errors",
+    "get_history",
+    "list_handlers",
+    "load",
+    "narrow",
+    "optim",
+    "register_handler",
+    "remove_block",
+    "save",
+    "trace",
+    "widen",
+]

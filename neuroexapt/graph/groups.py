@@ -1,0 +1,182 @@
+"""Groups of coupled dimensions.
+
+A *group* is a set of tensor dimensions that must change size together: when a layer gains or
+loses an output unit, every tensor that reads or normalises that unit gains or loses the same
+entry. Each tensor dimension in the group is a :class:`Member` with a *role*:
+
+* ``"out"``: the tensor that computes the units (a Conv/Linear weight's rows, its bias).
+  A Net2Net split copies these entries.
+* ``"in"``: a tensor that reads the units (the next layer's weight columns). A split divides
+  these entries among the copies of a unit.
+* ``"pass"``: a per-unit tensor of a layer the units pass through (BatchNorm statistics, a
+  depthwise kernel, an added bias). A split copies these entries.
+
+Example:
+    In ``Conv(3, 8) -> BN(8) -> ReLU -> Conv(8, 16)`` the group of ``conv1`` has 8 units and the
+    members ``conv1.weight[dim 0, out]``, ``conv1.bias[dim 0, out]``, ``bn.weight``,
+    ``bn.bias``, ``bn.running_mean``, ``bn.running_var`` (``pass``) and ``conv2.weight[dim 1, in]``.
+    After a flatten of 8x4x4 features into a Linear layer, the Linear member has ``block=16``:
+    unit ``c`` owns the 16 consecutive input features ``16*c ... 16*c+15``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["Group", "GroupBuilder", "Member", "Role"]
+
+Role = Literal["out", "in", "pass", "custom"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor dimension that belongs to a group.
+
+    Attributes:
+        module: fully-qualified name of the module owning the tensor ("" for the root model).
+        tensor: attribute name of the tensor on that module (``"weight"``, ``"running_var"``).
+        dim: the dimension of the tensor indexed by the group's units.
+        role: ``"out"``, ``"in"``, ``"pass"`` or ``"custom"`` (a module handler resizes it).
+        offset: index of the first entry of this group along ``dim`` (after a concatenation).
+        block: consecutive entries per unit along ``dim`` (after a flatten: H*W).
+    """
+
+    module: str
+    tensor: str
+    dim: int
+    role: Role
+    offset: int = 0
+    block: int = 1
+
+    @property
+    def path(self) -> str:
+        """``module.tensor`` as in ``state_dict`` keys."""
+        return f"{self.module}.{self.tensor}" if self.module else self.tensor
+
+
+@dataclass
+class Group:
+    """A set of coupled dimensions with ``size`` units.
+
+    Attributes:
+        id: index of the group in its graph.
+        size: number of units.
+        members: every tensor dimension that changes with the units.
+        producers: names of the modules whose outputs are the units.
+        segments: the units form this many equal segments that must keep equal sizes (GroupNorm
+            groups, grouped convolutions); 1 when unconstrained.
+        normalizers: modules that compute statistics over the units of each segment
+            (LayerNorm, GroupNorm); widening such a group preserves the function only when every
+            unit is duplicated equally.
+        frozen: reasons why the group cannot be resized (model output, unsupported operation).
+        frozen_modules: modules without a handler that the units reach (for error messages).
+    """
+
+    id: int
+    size: int
+    members: list[Member] = field(default_factory=list)
+    producers: list[str] = field(default_factory=list)
+    segments: int = 1
+    normalizers: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    frozen_modules: list[str] = field(default_factory=list)
+
+    @property
+    def resizable(self) -> bool:
+        """True when no reason forbids resizing the group."""
+        return not self.frozen
+
+    def members_of(self, module: str) -> list[Member]:
+        """Members owned by ``module``."""
+        return [m for m in self.members if m.module == module]
+
+    def __repr__(self) -> str:
+        state = "resizable" if self.resizable else f"frozen: {'; '.join(self.frozen)}"
+        return (
+            f"Group(id={self.id}, size={self.size}, producers={self.producers}, "
+            f"members={len(self.members)}, {state})"
+        )
+
+
+class GroupBuilder:
+    """Union-find over groups while a graph is being traced."""
+
+    def __init__(self) -> None:
+        self._parent: list[int] = []
+        self._groups: list[Group] = []
+
+    def new(self, size: int, producer: str | None = None) -> int:
+        """Create a group of ``size`` units and return its id."""
+        gid = len(self._groups)
+        self._parent.append(gid)
+        self._groups.append(Group(id=gid, size=size, producers=[producer] if producer else []))
+        return gid
+
+    def find(self, gid: int) -> int:
+        """Root id of ``gid``."""
+        while self._parent[gid] != gid:
+            self._parent[gid] = self._parent[self._parent[gid]]
+            gid = self._parent[gid]
+        return gid
+
+    def get(self, gid: int) -> Group:
+        """The (root) group of ``gid``."""
+        return self._groups[self.find(gid)]
+
+    def union(self, a: int, b: int, where: str) -> int:
+        """Merge two groups that must change together; mismatched sizes freeze both."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        ga, gb = self._groups[ra], self._groups[rb]
+        if ga.size != gb.size:
+            reason = f"groups of sizes {ga.size} and {gb.size} meet at {where}"
+            ga.frozen.append(reason)
+            gb.frozen.append(reason)
+        self._parent[rb] = ra
+        ga.members.extend(gb.members)
+        ga.producers.extend(p for p in gb.producers if p not in ga.producers)
+        ga.segments = math.lcm(ga.segments, gb.segments)
+        ga.normalizers.extend(gb.normalizers)
+        ga.frozen.extend(gb.frozen)
+        ga.frozen_modules.extend(gb.frozen_modules)
+        return ra
+
+    def add_member(self, gid: int, member: Member) -> None:
+        """Record that ``member`` changes with group ``gid``."""
+        group = self.get(gid)
+        if member not in group.members:
+            group.members.append(member)
+
+    def freeze(self, gid: int, reason: str, module: str | None = None) -> None:
+        """Forbid resizing group ``gid`` for ``reason``."""
+        group = self.get(gid)
+        if reason not in group.frozen:
+            group.frozen.append(reason)
+        if module is not None and module not in group.frozen_modules:
+            group.frozen_modules.append(module)
+
+    def constrain(self, gid: int, segments: int, normalizer: str | None = None) -> None:
+        """Require the units of ``gid`` to stay in ``segments`` equal segments."""
+        group = self.get(gid)
+        group.segments = math.lcm(group.segments, segments)
+        if normalizer is not None:
+            group.normalizers.append(normalizer)
+
+    def finish(self) -> tuple[list[Group], dict[int, int]]:
+        """Renumbered root groups and the map from every id to its root's new id."""
+        roots = sorted({self.find(g) for g in range(len(self._groups))})
+        new_id = {root: i for i, root in enumerate(roots)}
+        groups = []
+        for root in roots:
+            group = self._groups[root]
+            group.id = new_id[root]
+            if group.size % group.segments:
+                group.frozen.append(
+                    f"{group.size} units cannot form {group.segments} equal segments"
+                )
+            groups.append(group)
+        mapping = {g: new_id[self.find(g)] for g in range(len(self._groups))}
+        return groups, mapping

@@ -1,0 +1,50 @@
+"""What an edit does to the units of one group, independent of the tensors involved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from neuroexapt.optim.parammap import DimMap
+
+__all__ = ["TensorUpdate", "UnitPlan"]
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """New units of a group described from the old ones.
+
+    Attributes:
+        index: int64 [new_size]; new unit ``j`` is a copy of old unit ``index[j]``.
+        scale: float64 [new_size]; factor for tensors that read the units (a unit split in
+            ``c`` copies has its outgoing weights divided by ``c``).
+        fresh: bool [new_size]; units with fresh incoming and zero outgoing weights.
+        noise: relative standard deviation of noise added to copies' incoming weights.
+    """
+
+    index: torch.Tensor
+    scale: torch.Tensor
+    fresh: torch.Tensor
+    noise: float = 0.0
+
+    @property
+    def new_size(self) -> int:
+        """Number of units after the edit."""
+        return int(self.index.numel())
+
+    @classmethod
+    def keep(cls, keep: torch.Tensor) -> UnitPlan:
+        """A plan that keeps the units ``keep`` (in that order) and drops the others."""
+        n = keep.numel()
+        return cls(keep.long(), torch.ones(n, dtype=torch.float64),
+                   torch.zeros(n, dtype=torch.bool))
+
+
+@dataclass(frozen=True)
+class TensorUpdate:
+    """A new value for ``module.attr`` and how it maps to the old one."""
+
+    attr: str
+    value: torch.Tensor
+    dims: tuple[DimMap, ...]

@@ -1,0 +1,316 @@
+"""Layout rules for ``call_function`` and ``call_method`` nodes.
+
+Each rule maps the layouts of a node's inputs to the layout of its output. Anything not known
+to keep units apart (a matmul, a slice across channels, a reshape with a hard-coded size)
+freezes the groups it touches, so an edit can never silently break the model.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from neuroexapt.graph.context import BuildContext, NodeLayout
+from neuroexapt.graph.layout import Layout, Segment
+
+__all__ = ["apply_rule", "flatten_layout"]
+
+Rule = Callable[[BuildContext, fx.Node], NodeLayout]
+
+_UNARY = {
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt,
+    torch.square, torch.clamp, torch.clip, torch.nn.functional.relu, F.relu6, F.gelu, F.silu,
+    F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid, F.hardtanh, F.mish,
+    F.softplus, F.sigmoid, F.tanh, F.dropout, F.alpha_dropout, F.logsigmoid, operator.neg,
+    torch.erf, torch.sin, torch.cos,
+}
+_UNARY_METHODS = {
+    "relu", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "square", "clamp", "clip",
+    "contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as", "detach",
+    "requires_grad_", "relu_", "sigmoid_", "tanh_", "clamp_", "erf", "sin", "cos",
+}
+_CHANNEL_FUNCS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.pad, F.lp_pool2d,
+}
+_BINARY = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}
+_REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_NON_TENSOR_METHODS = {"size", "dim", "numel", "type", "get_device", "item"}
+
+
+def _arg(node: fx.Node, index: int, key: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(key, default)
+
+
+def _first(ctx: BuildContext, node: fx.Node) -> Layout | None:
+    return ctx.layout_of(node.args[0]) if node.args else None
+
+
+def _unknown(ctx: BuildContext, node: fx.Node, what: str) -> NodeLayout:
+    ins = ctx.layouts_in((node.args, node.kwargs))
+    ctx.freeze(ins, f"{what} at node '{node.name}'")
+    return None
+
+
+def _binary(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    operands = [a for a in node.args[:2]] + [v for k, v in node.kwargs.items() if k == "other"]
+    layouts = [ctx.layout_of(a) for a in operands]
+    present = [lay for lay in layouts if lay is not None]
+    if not present:
+        return None
+    out_shape = ctx.shape_of(node)
+    for arg, lay in zip(operands, layouts, strict=True):
+        if lay is not None or not isinstance(arg, fx.Node):
+            continue
+        shape = ctx.shape_of(arg)
+        if shape is None:
+            continue
+        if not _attach_constant(ctx, arg, shape, present[0]):
+            return _unknown(ctx, node, f"'{node.target}' with a tensor that mixes the units")
+    merged = ctx.merge(present, f"node '{node.name}'") if len(present) > 1 else present[0]
+    if merged is None:
+        return _unknown(ctx, node, "element-wise op on misaligned groups")
+    if out_shape is not None and len(out_shape) != merged.ndim:
+        return merged.with_dim(merged.dim + len(out_shape) - merged.ndim, len(out_shape))
+    return merged
+
+
+def _attach_constant(
+    ctx: BuildContext, arg: fx.Node, shape: tuple[int, ...], lay: Layout
+) -> bool:
+    """Make a tensor combined element-wise with units a member, or check it broadcasts."""
+    dim = lay.dim - (lay.ndim - len(shape))
+    if dim < 0 or shape[dim] == 1:
+        return True
+    if arg.op != "get_attr" or lay.single is None:
+        return False
+    owner, _, attr = str(arg.target).rpartition(".")
+    ctx.consume(lay.with_dim(dim, len(shape)), owner, attr, dim, "pass")
+    return True
+
+
+def flatten_layout(
+    ctx: BuildContext, node: fx.Node, source: Any, start: int, end: int
+) -> NodeLayout:
+    """Layout after flattening dims ``start..end`` of ``source``."""
+    lay, shape = ctx.layout_of(source), ctx.shape_of(source)
+    if lay is None or shape is None:
+        return None
+    start, end = start % len(shape), end % len(shape)
+    ndim = len(shape) - (end - start)
+    if lay.dim < start:
+        return lay.with_dim(lay.dim, ndim)
+    if lay.dim > end:
+        return lay.with_dim(lay.dim - (end - start), ndim)
+    if lay.dim != start:
+        return _unknown(ctx, node, "flatten that interleaves the units with other dims")
+    return lay.scaled(math.prod(shape[start + 1 : end + 1])).with_dim(start, ndim)
+
+
+def _flatten(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    return flatten_layout(ctx, node, node.args[0], _arg(node, 1, "start_dim", 0),
+                          _arg(node, 2, "end_dim", -1))
+
+
+def _view(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    lay, src, out = _first(ctx, node), ctx.shape_of(node.args[0]), ctx.shape_of(node)
+    if lay is None or src is None or out is None:
+        return lay
+    if src == out:
+        return lay
+    d = lay.dim
+    sizes = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("shape"),)
+    if len(sizes) == 1 and isinstance(sizes[0], tuple | list):
+        sizes = tuple(sizes[0])
+    spec = sizes[d] if d < len(sizes) else None
+    if isinstance(spec, int) and spec != -1:
+        return _unknown(
+            ctx, node,
+            f"reshape with the hard-coded size {spec} (use x.flatten({d}) or "
+            f"x.view(x.size(0), -1) so it follows the units)",
+        )
+    for end in range(d, len(src)):
+        if out[:d] == src[:d] and out[d] == math.prod(src[d : end + 1]) \
+                and out[d + 1 :] == src[end + 1 :]:
+            return lay.scaled(math.prod(src[d + 1 : end + 1])).with_dim(d, len(out))
+    return _unknown(ctx, node, "reshape that splits or mixes the units")
+
+
+def _cat(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    tensors = list(_arg(node, 0, "tensors"))
+    out_shape = ctx.shape_of(node)
+    if out_shape is None:
+        return None
+    dim = _arg(node, 1, "dim", 0) % len(out_shape)
+    layouts = [ctx.layout_of(t) for t in tensors]
+    if all(lay is None for lay in layouts):
+        return None
+    ref = next(lay for lay in layouts if lay is not None)
+    if ref.dim != dim:
+        present = [lay for lay in layouts if lay is not None]
+        merged = ctx.merge(present, f"node '{node.name}'") if len(present) > 1 else ref
+        if len(present) != len(layouts) or merged is None:
+            return _unknown(ctx, node, "concatenation along a non-unit dim")
+        return merged
+    segments: list[Segment] = []
+    for t, lay in zip(tensors, layouts, strict=True):
+        if lay is not None:
+            if lay.dim != dim:
+                return _unknown(ctx, node, "concatenation of misaligned units")
+            segments.extend(lay.segments)
+        else:
+            shape = ctx.shape_of(t)
+            if shape is None:
+                return _unknown(ctx, node, "concatenation of an untraced tensor")
+            segments.append(Segment(None, shape[dim]))
+    return Layout(dim, len(out_shape), tuple(segments))
+
+
+def _reduce(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    lay = _first(ctx, node)
+    if lay is None:
+        return None
+    dims = _arg(node, 1, "dim")
+    keep = bool(_arg(node, 2, "keepdim", False))
+    if dims is None:
+        return _unknown(ctx, node, f"reduction '{node.target}' over every dim")
+    dims = [d % lay.ndim for d in (dims if isinstance(dims, tuple | list) else [dims])]
+    if lay.dim in dims:
+        return _unknown(ctx, node, f"reduction '{node.target}' across the units")
+    if keep:
+        return lay
+    shift = sum(1 for d in dims if d < lay.dim)
+    return lay.with_dim(lay.dim - shift, lay.ndim - len(dims))
+
+
+def _transpose(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    lay = _first(ctx, node)
+    if lay is None:
+        return None
+    a, b = (_arg(node, 1, "dim0") % lay.ndim, _arg(node, 2, "dim1") % lay.ndim)
+    new = b if lay.dim == a else a if lay.dim == b else lay.dim
+    return lay.with_dim(new, lay.ndim)
+
+
+def _permute(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    lay = _first(ctx, node)
+    if lay is None:
+        return None
+    dims = node.args[1:] if len(node.args) > 2 else node.args[1]
+    order = [d % lay.ndim for d in (dims if isinstance(dims, tuple | list) else [dims])]
+    return lay.with_dim(order.index(lay.dim), lay.ndim)
+
+
+def _movedim(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    lay = _first(ctx, node)
+    src, dst = _arg(node, 1, "source"), _arg(node, 2, "destination")
+    if lay is None or not isinstance(src, int) or not isinstance(dst, int):
+        return lay if lay is None else _unknown(ctx, node, "movedim of several dims")
+    order = list(range(lay.ndim))
+    order.insert(dst % lay.ndim, order.pop(src % lay.ndim))
+    return lay.with_dim(order.index(lay.dim), lay.ndim)
+
+
+def _getitem(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    src, index = node.args
+    value = ctx.layouts.get(src) if isinstance(src, fx.Node) else None
+    if isinstance(value, tuple):
+        return value[index] if isinstance(index, int) else None
+    if not isinstance(value, Layout):
+        return None
+    idx = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis or i is None for i in idx) or len(idx) > value.ndim:
+        return _unknown(ctx, node, "indexing with '...' or None")
+    removed = 0
+    for pos, i in enumerate(idx):
+        if pos == value.dim and i != slice(None):
+            return _unknown(ctx, node, "indexing that selects some of the units")
+        if pos < value.dim and isinstance(i, int):
+            removed += 1
+        elif not (isinstance(i, (int, slice))):
+            return _unknown(ctx, node, "advanced indexing")
+    ndim = value.ndim - sum(1 for i in idx if isinstance(i, int))
+    return value.with_dim(value.dim - removed, ndim)
+
+
+def _split(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    lay = _first(ctx, node)
+    if lay is None:
+        return None
+    dim = _arg(node, 2, "dim", 0) % lay.ndim
+    if dim == lay.dim:
+        return _unknown(ctx, node, f"'{node.target}' along the units")
+    meta = ctx.meta_of(node)
+    count = len(meta) if isinstance(meta, tuple | list) else 0
+    return tuple(lay for _ in range(count))
+
+
+def _unary(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    return _first(ctx, node)
+
+
+def _channelwise(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    lay = _first(ctx, node)
+    if lay is not None and lay.dim != 1:
+        return _unknown(ctx, node, f"'{node.target}' on units outside dim 1")
+    return lay
+
+
+def _softmax(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    lay = _first(ctx, node)
+    dim = _arg(node, 1, "dim")
+    if lay is not None and (dim is None or dim % lay.ndim == lay.dim):
+        return _unknown(ctx, node, f"'{node.target}' across the units")
+    return lay
+
+
+_FUNCTION_RULES: dict[Any, Rule] = {}
+_FUNCTION_RULES.update({f: _unary for f in _UNARY})
+_FUNCTION_RULES.update({f: _channelwise for f in _CHANNEL_FUNCS})
+_FUNCTION_RULES.update({f: _binary for f in _BINARY})
+_FUNCTION_RULES.update({f: _reduce for f in _REDUCE})
+_FUNCTION_RULES.update({
+    torch.flatten: _flatten, torch.reshape: _view, torch.cat: _cat, torch.concat: _cat,
+    torch.transpose: _transpose, torch.permute: _permute, torch.movedim: _movedim, operator.getitem: _getitem,
+    torch.split: _split, torch.chunk: _split, torch.softmax: _softmax, F.softmax: _softmax,
+    F.log_softmax: _softmax,
+})
+_METHOD_RULES: dict[str, Rule] = {m: _unary for m in _UNARY_METHODS}
+_METHOD_RULES.update({m: _binary for m in _BINARY_METHODS})
+_METHOD_RULES.update({m: _reduce for m in _REDUCE_METHODS})
+_METHOD_RULES.update({
+    "flatten": _flatten, "view": _view, "reshape": _view, "transpose": _transpose,
+    "permute": _permute, "movedim": _movedim, "split": _split, "chunk": _split, "softmax": _softmax,
+    "log_softmax": _softmax,
+})
+
+
+def apply_rule(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    """Layout of a ``call_function`` / ``call_method`` node's output."""
+    if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
+        return None
+    if node.target is getattr:
+        return None
+    table = _FUNCTION_RULES if node.op == "call_function" else _METHOD_RULES
+    rule = table.get(node.target)
+    if rule is not None:
+        return rule(ctx, node)
+    if not ctx.layouts_in((node.args, node.kwargs)):
+        return None
+    name = getattr(node.target, "__name__", str(node.target))
+    return _unknown(ctx, node, f"operation '{name}' with no layout rule")

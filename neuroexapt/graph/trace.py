@@ -1,0 +1,259 @@
+"""Tracing a model with torch.fx into its groups of coupled dimensions."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from neuroexapt.errors import LayerNotFoundError, TraceError, UnsupportedModuleError
+from neuroexapt.graph.context import BuildContext, NodeLayout
+from neuroexapt.graph.groups import Group
+from neuroexapt.graph.handlers import get_handler, is_registered_leaf
+from neuroexapt.graph.layout import Layout, Segment
+from neuroexapt.graph.rules import apply_rule
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelGraph", "resolve_layer", "trace"]
+
+_HOW_TO_REGISTER = (
+    "register a handler with neuroexapt.register_handler(<LayerType>, "
+    "neuroexapt.graph.PerUnitHandler(...) | ProducerHandler(...) | ElementwiseHandler())"
+)
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps registered and user-marked layer types as leaves."""
+
+    def __init__(self, leaf_modules: Sequence[type[nn.Module] | str]) -> None:
+        super().__init__()
+        self.leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        self.leaf_names = {t for t in leaf_modules if isinstance(t, str)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
+            return True
+        if is_registered_leaf(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+class ModelGraph:
+    """A traced model with the layout of every tensor and its groups of coupled dimensions.
+
+    Example:
+        >>> g = neuroexapt.trace(model, (torch.randn(2, 3, 32, 32),))
+        >>> g.group_of("features.0")  # the channels produced by the first conv
+        Group(id=0, size=32, producers=['features.0'], members=7, resizable)
+    """
+
+    def __init__(
+        self, model: nn.Module, graph: fx.Graph, groups: list[Group],
+        layouts: dict[fx.Node, NodeLayout], unsupported: dict[str, str],
+    ) -> None:
+        self.model = model
+        self.graph = graph
+        self.groups = groups
+        self.layouts = layouts
+        self.unsupported = unsupported
+        self.calls: dict[str, list[fx.Node]] = defaultdict(list)
+        for node in graph.nodes:
+            if node.op == "call_module":
+                self.calls[str(node.target)].append(node)
+
+    def node_of(self, layer: str) -> fx.Node:
+        """The single ``call_module`` node of ``layer``; refuses layers called 0 or 2+ times."""
+        nodes = self.calls.get(layer, [])
+        if len(nodes) != 1:
+            what = "never called in forward" if not nodes else f"called {len(nodes)} times"
+            raise TraceError(
+                f"layer '{layer}' is {what}; an edit needs a layer called exactly once "
+                "(leaf modules only; containers are traced through)"
+            )
+        return nodes[0]
+
+    def output_layout(self, layer: str) -> Layout:
+        """The layout of ``layer``'s output (the first element for tuple outputs)."""
+        value = self.layouts.get(self.node_of(layer))
+        if isinstance(value, tuple):
+            value = value[0] if value else None
+        if not isinstance(value, Layout):
+            reason = self.unsupported.get(layer)
+            if reason:
+                raise UnsupportedModuleError(f"{reason}; {_HOW_TO_REGISTER}")
+            raise TraceError(f"layer '{layer}' outputs no resizable units")
+        return value
+
+    def group_of(self, layer: str) -> Group:
+        """The group of units output by ``layer``."""
+        lay = self.output_layout(layer)
+        seg = lay.single
+        if seg is None:
+            raise TraceError(
+                f"the output of '{layer}' concatenates several groups; edit the layers that "
+                "produce them instead"
+            )
+        assert seg.gid is not None
+        return self.groups[seg.gid]
+
+    def describe(self) -> str:
+        """A human-readable table of the groups."""
+        lines = [f"{'id':>3}  {'size':>5}  {'state':<10}  producers / reason"]
+        for g in self.groups:
+            state = "resizable" if g.resizable else "frozen"
+            detail = ", ".join(g.producers) if g.resizable else "; ".join(g.frozen)
+            lines.append(f"{g.id:>3}  {g.size:>5}  {state:<10}  {detail}")
+        return "\n".join(lines)
+
+
+def resolve_layer(model: nn.Module, name: str) -> str:
+    """Check that ``name`` is a module of ``model`` and see through NeuroExapt's wrappers."""
+    if not isinstance(name, str):
+        raise LayerNotFoundError(f"layer names are strings like 'layer1.0.conv1', got {name!r}")
+    modules = dict(model.named_modules())
+    if name not in modules:
+        close = difflib.get_close_matches(name, list(modules), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise LayerNotFoundError(
+            f"model {type(model).__name__} has no layer '{name}'{hint} "
+            "(names are those of model.named_modules())"
+        )
+    module = modules[name]
+    inner = getattr(module, "_neuroexapt_inner", None)
+    while inner is not None:
+        name = f"{name}.{inner}" if name else inner
+        module = modules[name]
+        inner = getattr(module, "_neuroexapt_inner", None)
+    return name
+
+
+@contextmanager
+def frozen_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluate ``model`` in eval mode without gradients, restoring every module's mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    *,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> ModelGraph:
+    """Trace ``model`` and find its groups of coupled dimensions.
+
+    Args:
+        model: any ``nn.Module`` that torch.fx can trace.
+        example_inputs: positional inputs for one forward pass (a tensor or a tuple).
+        leaf_modules: module types or names to keep as opaque leaves; they need a handler
+            (``neuroexapt.register_handler``) for the groups they touch to be resizable.
+
+    Returns:
+        The :class:`ModelGraph`.
+
+    Raises:
+        TraceError: torch.fx cannot trace the model, or it fails on ``example_inputs``.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
+        example_inputs
+    )
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many types: report them all the same way
+        raise TraceError(
+            f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}. Move "
+            "data-dependent control flow into a submodule and pass it in leaf_modules= "
+            f"(then {_HOW_TO_REGISTER})"
+        ) from e
+    gm = fx.GraphModule(tracer.root, graph)
+    with frozen_mode(model):
+        try:
+            ShapeProp(gm).propagate(*inputs)
+        except Exception as e:
+            raise TraceError(
+                f"running the traced {type(model).__name__} on example_inputs failed: "
+                f"{type(e).__name__}: {e}. Pass inputs the model accepts"
+            ) from e
+    return _build(model, graph)
+
+
+def _build(model: nn.Module, graph: fx.Graph) -> ModelGraph:
+    ctx = BuildContext()
+    unsupported: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            ctx.layouts[node] = _call_module(ctx, model, node, unsupported)
+        elif node.op in ("call_function", "call_method"):
+            ctx.layouts[node] = apply_rule(ctx, node)
+        elif node.op == "output":
+            ctx.freeze(ctx.layouts_in(node.args), "it is the model's output")
+    _couple_shared_tensors(ctx)
+    groups, mapping = ctx.groups.finish()
+    layouts = {n: _renumber(v, mapping) for n, v in ctx.layouts.items()}
+    logger.debug("traced %s: %d groups", type(model).__name__, len(groups))
+    return ModelGraph(model, graph, groups, layouts, unsupported)
+
+
+def _call_module(
+    ctx: BuildContext, model: nn.Module, node: fx.Node, unsupported: dict[str, str]
+) -> NodeLayout:
+    name = str(node.target)
+    module = model.get_submodule(name)
+    handler = get_handler(module)
+    if handler is None:
+        reason = f"no handler for {type(module).__name__} '{name}'"
+        unsupported[name] = reason
+        ctx.freeze(ctx.layouts_in((node.args, node.kwargs)), reason, name)
+        return None
+    try:
+        return handler.propagate(ctx, node, module, name)
+    except (TraceError, UnsupportedModuleError):
+        raise
+    except Exception as e:
+        raise TraceError(
+            f"handler {type(handler).__name__} failed on '{name}' ({type(module).__name__}): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def _couple_shared_tensors(ctx: BuildContext) -> None:
+    """Groups that resize the same slice of one tensor (a module called twice) are one group."""
+    owners: dict[tuple[str, str, int, int], int] = {}
+    for gid in range(len(ctx.groups._groups)):
+        if ctx.groups.find(gid) != gid:
+            continue
+        for m in list(ctx.groups.get(gid).members):
+            if not m.tensor:
+                continue
+            key = (m.module, m.tensor, m.dim, m.offset)
+            if key in owners:
+                ctx.groups.union(owners[key], gid, f"shared tensor '{m.path}'")
+            else:
+                owners[key] = gid
+
+
+def _renumber(value: NodeLayout, mapping: dict[int, int]) -> NodeLayout:
+    if isinstance(value, tuple):
+        return tuple(_renumber(v, mapping) for v in value)
+    if isinstance(value, Layout):
+        segs = tuple(
+            Segment(mapping[s.gid] if s.gid is not None else None, s.units, s.block)
+            for s in value.segments
+        )
+        return Layout(value.dim, value.ndim, segs)
+    return value

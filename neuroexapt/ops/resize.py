@@ -1,0 +1,242 @@
+"""``widen`` and ``narrow``: change the number of units of a group of coupled dimensions."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from neuroexapt.errors import ConfigError, SurgeryError
+from neuroexapt.graph import Group, UnitPlan, resolve_layer, trace
+from neuroexapt.ops.apply import apply_plan
+from neuroexapt.ops.edit import require_resizable, run_edit
+from neuroexapt.ops.history import EditRecord, inputs_for
+
+__all__ = ["narrow", "unit_norms", "widen"]
+
+Strategy = Literal["split", "zero"]
+
+
+def unit_norms(model: nn.Module, group: Group) -> torch.Tensor:
+    """Squared norm of each unit's incoming weights, summed over the group's producers."""
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for m in group.members:
+        if m.role != "out" or not m.tensor:
+            continue
+        owner = model.get_submodule(m.module) if m.module else model
+        t = getattr(owner, m.tensor).detach().double()
+        t = t.narrow(m.dim, m.offset, group.size * m.block).movedim(m.dim, 0)
+        total += t.reshape(group.size, -1).pow(2).sum(1).cpu()
+    return total
+
+
+def _segment_of(group: Group, unit: int) -> int:
+    return unit // (group.size // group.segments)
+
+
+def _check_units(group: Group, units: Sequence[int], what: str) -> list[int]:
+    out = []
+    for u in units:
+        if isinstance(u, bool) or (not isinstance(u, int | torch.SymInt) and not (
+            isinstance(u, torch.Tensor) and u.numel() == 1
+        )):
+            raise ConfigError(f"{what} must be unit indices (ints), got {u!r}")
+        u = int(u)
+        if not 0 <= u < group.size:
+            raise ConfigError(f"{what} has unit {u}, outside 0..{group.size - 1}")
+        out.append(u)
+    return out
+
+
+def _default_units(model: nn.Module, group: Group, by: int) -> list[int]:
+    """The ``by`` largest-norm units, equally many per segment; every unit once per round
+    when the units are normalised together (LayerNorm needs equal duplication)."""
+    if group.normalizers and by % group.size == 0:
+        return list(range(group.size)) * (by // group.size)
+    norms = unit_norms(model, group)
+    per = group.size // group.segments
+    chosen: list[int] = []
+    for s in range(group.segments):
+        seg = norms[s * per : (s + 1) * per]
+        k = by // group.segments
+        order = seg.argsort(descending=True, stable=True).tolist()
+        chosen += [s * per + order[i % per] for i in range(k)]
+    return chosen
+
+
+def _check_segments(group: Group, units: list[int], what: str) -> None:
+    if group.segments == 1:
+        return
+    counts = Counter(_segment_of(group, u) for u in units)
+    if len(set(counts.get(s, 0) for s in range(group.segments))) > 1:
+        raise SurgeryError(
+            f"{what}: the group's {group.size} units form {group.segments} equal segments "
+            f"(GroupNorm groups / grouped convolution); choose equally many units in each"
+        )
+
+
+def _check_normalized(group: Group, units: list[int], allow_approximate: bool) -> None:
+    counts = Counter(units)
+    uniform = len(counts) == group.size and len(set(counts.values())) == 1
+    if group.normalizers and not uniform and not allow_approximate:
+        raise SurgeryError(
+            f"{', '.join(group.normalizers)} normalise over these {group.size} units, so "
+            f"widening preserves the function only when every unit is split equally: use by= a "
+            f"multiple of {group.size} with units=None, or pass allow_approximate=True"
+        )
+
+
+def split_plan(group: Group, units: list[int], strategy: Strategy, noise: float) -> UnitPlan:
+    """New units: each segment's old units, then that segment's copies."""
+    per = group.size // group.segments
+    index: list[int] = []
+    fresh: list[bool] = []
+    for s in range(group.segments):
+        index += list(range(s * per, (s + 1) * per))
+        fresh += [False] * per
+        extra = sorted(u for u in units if _segment_of(group, u) == s)
+        index += extra
+        fresh += [strategy == "zero"] * len(extra)
+    counts = Counter(units)
+    scale = [1.0 / (1 + counts[u]) for u in index] if strategy == "split" else [1.0] * len(index)
+    return UnitPlan(torch.tensor(index, dtype=torch.long),
+                    torch.tensor(scale, dtype=torch.float64),
+                    torch.tensor(fresh, dtype=torch.bool), noise)
+
+
+def widen(
+    model: nn.Module,
+    layer: str,
+    by: int = 1,
+    *,
+    example_inputs: Any = None,
+    strategy: Strategy = "split",
+    units: Sequence[int] | None = None,
+    noise: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    verify: bool = False,
+    allow_approximate: bool = False,
+) -> EditRecord:
+    """Add ``by`` units to the group produced by ``layer``.
+
+    Args:
+        model: the model, edited in place.
+        layer: module name (as in ``model.named_modules()``) whose output units grow.
+        by: number of units to add.
+        example_inputs: a batch the model accepts (needed the first time a model is edited).
+        strategy: ``"split"`` duplicates units and divides their outgoing weights among the
+            copies (Net2Net); ``"zero"`` adds units with fresh incoming and zero outgoing weights.
+        units: which units to duplicate (repeats allowed); default the largest-norm ones.
+        noise: relative noise added to the copies' incoming weights (0 keeps the function).
+        optimizer: optimizer whose state follows the edit.
+        verify: compare outputs before and after; raise ``FunctionPreservationError`` if they
+            differ beyond float rounding.
+        allow_approximate: accept a widening that LayerNorm/GroupNorm statistics over the
+            group make only approximately function-preserving.
+
+    Returns:
+        The :class:`EditRecord`, also appended to the model's history.
+    """
+    if isinstance(by, bool) or not isinstance(by, int) or by < 1:
+        raise ConfigError(f"by must be a positive int, got {by!r}")
+    if strategy not in ("split", "zero"):
+        raise ConfigError(f"strategy must be 'split' or 'zero', got {strategy!r}")
+    if not isinstance(noise, int | float) or noise < 0:
+        raise ConfigError(f"noise must be a float >= 0, got {noise!r}")
+    name = resolve_layer(model, layer)
+    inputs = inputs_for(model, example_inputs, "widen")
+
+    def body() -> tuple[Any, dict[str, Any]]:
+        group = trace(model, inputs).group_of(name)
+        require_resizable(group, layer)
+        if by % group.segments:
+            raise SurgeryError(
+                f"'{layer}' has units in {group.segments} equal segments; widen by a multiple "
+                f"of {group.segments}"
+            )
+        chosen = _check_units(group, list(units), "units") if units is not None else \
+            _default_units(model, group, by)
+        if len(chosen) != by:
+            raise ConfigError(f"units lists {len(chosen)} units but by={by}")
+        _check_segments(group, chosen, f"widen '{layer}'")
+        _check_normalized(group, chosen, allow_approximate)
+        plan = split_plan(group, chosen, strategy, float(noise))
+        args = {"layer": name, "units": chosen, "strategy": strategy, "by": by,
+                "noise": float(noise)}
+        return apply_plan(model, group, plan), args
+
+    return run_edit(model, optimizer, inputs, "widen", layer, verify, body)
+
+
+def narrow(
+    model: nn.Module,
+    layer: str,
+    *,
+    remove: Sequence[int] | int | None = None,
+    keep: Sequence[int] | None = None,
+    example_inputs: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> EditRecord:
+    """Physically remove units from the group produced by ``layer``.
+
+    Every coupled tensor shrinks (weights, biases, normalisation statistics, the next layers'
+    inputs); nothing is masked. This changes the function: it is pruning.
+
+    Args:
+        model: the model, edited in place.
+        layer: module name whose output units shrink.
+        remove: unit indices to remove, or a count of lowest-norm units to remove.
+        keep: unit indices to keep (instead of ``remove``).
+        example_inputs: a batch the model accepts (needed the first time a model is edited).
+        optimizer: optimizer whose state follows the edit.
+
+    Returns:
+        The :class:`EditRecord`.
+    """
+    if (remove is None) == (keep is None):
+        raise ConfigError("narrow needs exactly one of remove= or keep=")
+    name = resolve_layer(model, layer)
+    inputs = inputs_for(model, example_inputs, "narrow")
+
+    def body() -> tuple[Any, dict[str, Any]]:
+        group = trace(model, inputs).group_of(name)
+        require_resizable(group, layer)
+        kept = _kept_units(model, group, remove, keep)
+        if not kept:
+            raise SurgeryError(f"narrow would remove all {group.size} units of '{layer}'")
+        if len(kept) == group.size:
+            raise ConfigError(f"narrow of '{layer}' removes no unit")
+        removed = [u for u in range(group.size) if u not in set(kept)]
+        _check_segments(group, removed, f"narrow '{layer}'")
+        plan = UnitPlan.keep(torch.tensor(kept, dtype=torch.long))
+        return apply_plan(model, group, plan), {"layer": name, "keep": kept}
+
+    return run_edit(model, optimizer, inputs, "narrow", layer, False, body)
+
+
+def _kept_units(
+    model: nn.Module, group: Group, remove: Sequence[int] | int | None,
+    keep: Sequence[int] | None,
+) -> list[int]:
+    if keep is not None:
+        return sorted(set(_check_units(group, list(keep), "keep")))
+    if isinstance(remove, int) and not isinstance(remove, bool):
+        if not 0 < remove < group.size:
+            raise ConfigError(f"remove={remove} must be between 1 and {group.size - 1}")
+        per_seg = remove // group.segments if remove % group.segments == 0 else None
+        norms = unit_norms(model, group)
+        if per_seg is None:
+            drop = norms.argsort(stable=True)[:remove].tolist()
+        else:
+            size = group.size // group.segments
+            drop = []
+            for s in range(group.segments):
+                order = norms[s * size : (s + 1) * size].argsort(stable=True)[:per_seg]
+                drop += (order + s * size).tolist()
+        return sorted(set(range(group.size)) - set(drop))
+    assert remove is not None
+    gone = set(_check_units(group, list(remove), "remove"))
+    return [u for u in range(group.size) if u not in gone]
