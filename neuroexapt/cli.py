@@ -1,0 +1,135 @@
+"""Command line: ``python -m neuroexapt.cli demo``.
+
+The demo trains a small CNN on scikit-learn's bundled 8x8 digits, then edits it while it
+trains: it widens, deepens, adds a skip connection (each checked to leave the outputs
+unchanged) and narrows (pruning), carrying the optimizer's state across every edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neuroexapt
+from neuroexapt.ops.transaction import model_outputs
+
+__all__ = ["main"]
+
+
+class DigitsCNN(nn.Module):
+    """A small VGG-style CNN for 1x8x8 digit images."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Linear(2 * width * 16, 32), nn.ReLU(),
+                                        nn.Linear(32, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def _digits(seed: int) -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    cut = int(0.8 * len(y))
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+           epochs: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    (out,) = model_outputs(model, (x,))
+    return float((out.argmax(1) == y).float().mean())
+
+
+def demo(epochs: int, seed: int) -> int:
+    """Run the edit demonstration; returns the process exit code."""
+    torch.manual_seed(seed)
+    x_tr, y_tr, x_te, y_te = _digits(seed)
+    model = DigitsCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    start = time.perf_counter()
+    _train(model, opt, x_tr, y_tr, epochs, seed)
+    probe = x_te[:64]
+    print(f"trained {epochs} epochs: test accuracy {_accuracy(model, x_te, y_te):.3f}, "
+          f"{sum(p.numel() for p in model.parameters())} parameters")
+    print(f"\n{'edit':<44} {'params':>14} {'max |dy| / scale':>17}  check")
+    edits = [
+        ("widen features.0 by 8 (Net2Net split)",
+         lambda: neuroexapt.widen(model, "features.0", 8, example_inputs=probe, optimizer=opt,
+                                  verify=True)),
+        ("widen classifier.0 by 16 (zero-init)",
+         lambda: neuroexapt.widen(model, "classifier.0", 16, strategy="zero", optimizer=opt,
+                                  verify=True)),
+        ("deepen features.3 (identity conv+BN+ReLU)",
+         lambda: neuroexapt.deepen(model, "features.3", optimizer=opt, verify=True)),
+        ("add_skip features.0 -> classifier.0",
+         lambda: neuroexapt.add_skip(model, "features.0", "classifier.0", optimizer=opt,
+                                     verify=True)),
+        ("narrow features.3: remove 8 weakest",
+         lambda: neuroexapt.narrow(model, "features.3", remove=8, optimizer=opt)),
+    ]
+    for label, edit in edits:
+        before = model_outputs(model, (probe,))[0]
+        record = edit()
+        after = model_outputs(model, (probe,))[0]
+        err = float((after - before).abs().max()) / max(1.0, float(before.abs().max()))
+        check = "pruning (changes outputs)" if record.op == "narrow" else \
+            "ok" if err <= 1e-5 else "FAILED"
+        params = f"{record.params_before}->{record.params_after}"
+        print(f"{label:<44} {params:>14} {err:>17.2e}  {check}")
+        if check == "FAILED":
+            return 1
+    acc_edit = _accuracy(model, x_te, y_te)
+    _train(model, opt, x_tr, y_tr, max(1, epochs // 2), seed + 1)
+    print(f"\nafter the edits: test accuracy {acc_edit:.3f}; after {max(1, epochs // 2)} more "
+          f"epochs with the migrated optimizer: {_accuracy(model, x_te, y_te):.3f}")
+    print(f"edit history: {[r.op for r in neuroexapt.get_history(model)]}; "
+          f"class still {type(model).__name__}; {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``neuroexapt`` command."""
+    parser = argparse.ArgumentParser(prog="neuroexapt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="edit a CNN on the digits data set while it trains")
+    p_demo.add_argument("--epochs", type=int, default=6)
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--verbose", action="store_true", help="log every edit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        return demo(args.epochs, args.seed)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
