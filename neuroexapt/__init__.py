@@ -14,6 +14,7 @@ from neuroexapt.graph import (
     PerUnitHandler,
     ProducerHandler,
     list_handlers,
+    mark_leaf,
     register_handler,
     trace,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "get_history",
     "list_handlers",
     "load",
+    "mark_leaf",
     "narrow",
     "optim",
     "register_handler",

@@ -9,6 +9,7 @@ from neuroexapt.graph.handlers import (
     ProducerHandler,
     get_handler,
     list_handlers,
+    mark_leaf,
     register_handler,
 )
 from neuroexapt.graph.layout import Layout, Segment
@@ -31,6 +32,7 @@ __all__ = [
     "UnitPlan",
     "get_handler",
     "list_handlers",
+    "mark_leaf",
     "register_handler",
     "resolve_layer",
     "trace",

@@ -38,6 +38,7 @@ __all__ = [
     "ProducerHandler",
     "get_handler",
     "list_handlers",
+    "mark_leaf",
     "register_handler",
 ]
 
@@ -202,6 +203,7 @@ class ProducerHandler(ModuleHandler):
 
 
 _REGISTRY: dict[type[nn.Module], ModuleHandler] = {}
+_LEAVES: set[type[nn.Module]] = set()
 
 
 def register_handler(module_type: type[nn.Module], handler: ModuleHandler) -> None:
@@ -233,9 +235,20 @@ def list_handlers() -> list[str]:
     return sorted(cls.__name__ for cls in _REGISTRY)
 
 
+def mark_leaf(module_type: type[nn.Module]) -> None:
+    """Trace ``module_type`` as an opaque leaf (torch.fx does not look inside it).
+
+    Use it for layers whose ``forward`` torch.fx cannot trace. Without a handler, the groups
+    that reach such a layer cannot be resized, but the rest of the model can.
+    """
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise ConfigError(f"mark_leaf expects an nn.Module subclass, got {module_type!r}")
+    _LEAVES.add(module_type)
+
+
 def is_registered_leaf(module: nn.Module) -> bool:
-    """True when ``module``'s own type was registered (its subclasses may be containers)."""
-    return type(module) in _REGISTRY
+    """True when ``module``'s own type was registered or marked as a leaf."""
+    return type(module) in _REGISTRY or type(module) in _LEAVES
 
 
 def node_module(root: nn.Module, node: fx.Node) -> Any:

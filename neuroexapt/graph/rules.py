@@ -286,7 +286,8 @@ _FUNCTION_RULES.update({f: _binary for f in _BINARY})
 _FUNCTION_RULES.update({f: _reduce for f in _REDUCE})
 _FUNCTION_RULES.update({
     torch.flatten: _flatten, torch.reshape: _view, torch.cat: _cat, torch.concat: _cat,
-    torch.transpose: _transpose, torch.permute: _permute, torch.movedim: _movedim, operator.getitem: _getitem,
+    torch.transpose: _transpose, torch.permute: _permute, torch.movedim: _movedim,
+    operator.getitem: _getitem,
     torch.split: _split, torch.chunk: _split, torch.softmax: _softmax, F.softmax: _softmax,
     F.log_softmax: _softmax,
 })

@@ -159,7 +159,8 @@ def trace(
     Args:
         model: any ``nn.Module`` that torch.fx can trace.
         example_inputs: positional inputs for one forward pass (a tensor or a tuple).
-        leaf_modules: module types or names to keep as opaque leaves; they need a handler
+        leaf_modules: module types or names to keep as opaque leaves for this trace (for
+            every edit, use ``neuroexapt.mark_leaf(Type)``); they need a handler
             (``neuroexapt.register_handler``) for the groups they touch to be resizable.
 
     Returns:
@@ -177,8 +178,9 @@ def trace(
     except Exception as e:  # fx raises many types: report them all the same way
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}. Move "
-            "data-dependent control flow into a submodule and pass it in leaf_modules= "
-            f"(then {_HOW_TO_REGISTER})"
+            "data-dependent control flow into a submodule and mark its type with "
+            "neuroexapt.mark_leaf(Type) or pass it in leaf_modules= to trace (then, to resize "
+            f"through it, {_HOW_TO_REGISTER})"
         ) from e
     gm = fx.GraphModule(tracer.root, graph)
     with frozen_mode(model):
