@@ -61,9 +61,24 @@ def _first(ctx: BuildContext, node: fx.Node) -> Layout | None:
     return ctx.layout_of(node.args[0]) if node.args else None
 
 
+def _user_module(node: fx.Node) -> tuple[str, str] | None:
+    """(name, class name) of the innermost user-defined module that ``node`` runs in."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, cls in reversed(list(stack.values())):
+        module = getattr(cls, "__module__", str(cls))
+        if not module.startswith(("torch.", "neuroexapt.")):
+            return path, getattr(cls, "__name__", str(cls)).rpartition(".")[2]
+    return None
+
+
 def _unknown(ctx: BuildContext, node: fx.Node, what: str) -> NodeLayout:
     ins = ctx.layouts_in((node.args, node.kwargs))
-    ctx.freeze(ins, f"{what} at node '{node.name}'")
+    owner = _user_module(node)
+    if owner is None:
+        ctx.freeze(ins, f"{what} at node '{node.name}'")
+    else:
+        ctx.freeze(ins, f"{what} at node '{node.name}' inside '{owner[0]}' ({owner[1]}), a "
+                        f"layer with no handler", owner[0])
     return None
 
 
@@ -81,7 +96,8 @@ def _binary(ctx: BuildContext, node: fx.Node) -> NodeLayout:
         if shape is None:
             continue
         if not _attach_constant(ctx, arg, shape, present[0]):
-            return _unknown(ctx, node, f"'{node.target}' with a tensor that mixes the units")
+            name = getattr(node.target, "__name__", str(node.target))
+            return _unknown(ctx, node, f"'{name}' with a tensor that mixes the units")
     merged = ctx.merge(present, f"node '{node.name}'") if len(present) > 1 else present[0]
     if merged is None:
         return _unknown(ctx, node, "element-wise op on misaligned groups")

@@ -33,7 +33,7 @@ _HOW_TO_REGISTER = (
 class _Tracer(fx.Tracer):
     """fx tracer that keeps registered and user-marked layer types as leaves."""
 
-    def __init__(self, leaf_modules: Sequence[type[nn.Module] | str]) -> None:
+    def __init__(self, leaf_modules: Sequence[type[nn.Module] | str] = ()) -> None:
         super().__init__()
         self.leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self.leaf_names = {t for t in leaf_modules if isinstance(t, str)}
@@ -72,6 +72,8 @@ class ModelGraph:
     def node_of(self, layer: str) -> fx.Node:
         """The single ``call_module`` node of ``layer``; refuses layers called 0 or 2+ times."""
         nodes = self.calls.get(layer, [])
+        if not nodes:
+            resolve_layer(self.model, layer)  # a clear LayerNotFoundError for unknown names
         if len(nodes) != 1:
             what = "never called in forward" if not nodes else f"called {len(nodes)} times"
             raise TraceError(

@@ -112,7 +112,8 @@ def _insert(model: nn.Module, site: str, new: list[nn.Module]) -> list[str]:
     chain = current if isinstance(current, Chain) else Chain(current)
     start = len(chain)
     for module in new:
-        chain.append(module)
+        chain.append(module.train(current.training))
+    chain.training = current.training
     if chain is not current:
         setattr(parent, attr, chain)
     return [f"{site}.{i}" for i in range(start, len(chain))]
@@ -157,4 +158,4 @@ def deepen(
         added = [(p, reference) for m in new for p in m.parameters()]
         return ParamMap(added=added), {"layer": name, "site": site, "modules": names}
 
-    return run_edit(model, optimizer, inputs, "deepen", layer, verify, body)
+    return run_edit(model, optimizer, inputs, "deepen", name, verify, body)

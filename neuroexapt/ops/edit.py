@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuroexapt.errors import SurgeryError, UnsupportedModuleError
+from neuroexapt.errors import ConfigError, SurgeryError, UnsupportedModuleError
 from neuroexapt.graph.groups import Group
 from neuroexapt.ops.history import EditRecord, append_history, spec_of
 from neuroexapt.ops.transaction import check_same_function, model_outputs, transaction
@@ -57,7 +57,7 @@ def run_edit(
 ) -> EditRecord:
     """Run ``body`` atomically and record it; see the module docstring."""
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise SurgeryError(f"optimizer= must be a torch.optim.Optimizer, got {optimizer!r}")
+        raise ConfigError(f"optimizer= must be a torch.optim.Optimizer, got {optimizer!r}")
     before = count_parameters(model)
     with transaction(model, optimizer):
         reference = model_outputs(model, inputs) if verify else None

@@ -35,7 +35,7 @@ class EditRecord:
     Attributes:
         op: the edit's name (``"widen"``, ``"narrow"``, ``"deepen"``, ``"add_skip"``,
             ``"remove_block"``).
-        target: the layer or block the edit was asked for.
+        target: the layer or block edited, by its canonical module name.
         args: resolved arguments that replay the edit exactly (chosen units, new names).
         inputs: shapes and dtypes of the example inputs used to trace the model.
         params_before: number of parameters before the edit.

@@ -38,6 +38,13 @@ class SkipSource(nn.Module):
         object.__setattr__(self, "output", out)
         return out
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The last output is transient (an fx Proxy after tracing, a non-leaf tensor after a
+        # training step): neither can be pickled or deep-copied, and neither is state.
+        state = super().__getstate__()
+        state["output"] = None
+        return state
+
 
 class SkipProjection(nn.Module):
     """Maps a source tensor onto a target's shape: pooling, then a zero-initialised linear map.

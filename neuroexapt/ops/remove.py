@@ -14,6 +14,7 @@ from neuroexapt.graph.handlers import ElementwiseHandler, get_handler
 from neuroexapt.graph.trace import _Tracer
 from neuroexapt.ops.edit import run_edit
 from neuroexapt.ops.history import EditRecord, inputs_for
+from neuroexapt.ops.modules import SkipSource, SkipTarget
 from neuroexapt.ops.transaction import model_outputs
 from neuroexapt.optim.parammap import ParamMap
 
@@ -71,6 +72,12 @@ def _ancestry_params(block: nn.Module, node: fx.Node) -> tuple[int, bool]:
 
 
 def _shortcut_module(block: nn.Module, name: str) -> fx.GraphModule:
+    wired = [n for n, m in block.named_modules() if isinstance(m, SkipSource | SkipTarget)]
+    if wired:
+        raise SurgeryError(
+            f"'{name}' contains '{name}.{wired[0]}', an end of a skip connection added by "
+            "add_skip; remove_block cannot cut such a connection"
+        )
     try:
         graph = _Tracer(()).trace(block)
     except Exception as e:
@@ -91,6 +98,10 @@ def _shortcut_module(block: nn.Module, name: str) -> fx.GraphModule:
     for node in graph.nodes:  # string annotations (PEP 563) would break pickling
         node.type = None
     module = fx.GraphModule(block, graph)
+    originals = dict(block.named_modules())
+    for sub_name, sub in module.named_modules():  # fx makes its containers in train mode
+        if sub_name in originals:
+            sub.training = originals[sub_name].training
     module.graph.eliminate_dead_code()
     module.graph.lint()
     module.recompile()
@@ -137,4 +148,4 @@ def remove_block(
         model_outputs(model, inputs)  # the model must still run
         return ParamMap(removed=removed), {"block": name}
 
-    return run_edit(model, optimizer, inputs, "remove_block", block, False, body)
+    return run_edit(model, optimizer, inputs, "remove_block", name, False, body)

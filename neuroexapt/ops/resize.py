@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -31,6 +32,19 @@ def unit_norms(model: nn.Module, group: Group) -> torch.Tensor:
         t = t.narrow(m.dim, m.offset, group.size * m.block).movedim(m.dim, 0)
         total += t.reshape(group.size, -1).pow(2).sum(1).cpu()
     return total
+
+
+def _as_index_list(value: object, what: str) -> list[int]:
+    """``value`` as a list of ints, or a ConfigError naming ``what``."""
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | range):
+        raise ConfigError(f"{what} must be a sequence of unit indices, got {value!r}")
+    items = list(value)
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise ConfigError(f"{what} must be unit indices (ints), got {bad[0]!r}")
+    return items
 
 
 def _segment_of(group: Group, unit: int) -> int:
@@ -78,14 +92,27 @@ def _check_segments(group: Group, units: list[int], what: str) -> None:
         )
 
 
-def _check_normalized(group: Group, units: list[int], allow_approximate: bool) -> None:
+def _check_normalized(
+    group: Group, units: list[int], strategy: Strategy, allow_approximate: bool
+) -> None:
+    if not group.normalizers or allow_approximate:
+        return
+    if strategy == "zero":
+        raise SurgeryError(
+            f"{', '.join(repr(n) for n in group.normalizers)} normalise over these "
+            f"{group.size} units, so "
+            "fresh units (strategy='zero') change their statistics and the function: use "
+            f"strategy='split' with by= a multiple of {group.size}, or pass "
+            "allow_approximate=True"
+        )
     counts = Counter(units)
     uniform = len(counts) == group.size and len(set(counts.values())) == 1
-    if group.normalizers and not uniform and not allow_approximate:
+    if not uniform:
         raise SurgeryError(
-            f"{', '.join(group.normalizers)} normalise over these {group.size} units, so "
-            f"widening preserves the function only when every unit is split equally: use by= a "
-            f"multiple of {group.size} with units=None, or pass allow_approximate=True"
+            f"{', '.join(repr(n) for n in group.normalizers)} normalise over these "
+            f"{group.size} units, so widening preserves the function only when every unit "
+            f"is split equally: use by= a multiple of {group.size} with units=None, or pass "
+            "allow_approximate=True"
         )
 
 
@@ -144,8 +171,12 @@ def widen(
         raise ConfigError(f"by must be a positive int, got {by!r}")
     if strategy not in ("split", "zero"):
         raise ConfigError(f"strategy must be 'split' or 'zero', got {strategy!r}")
-    if not isinstance(noise, int | float) or noise < 0:
-        raise ConfigError(f"noise must be a float >= 0, got {noise!r}")
+    if isinstance(noise, bool) or not isinstance(noise, int | float) or not (
+        math.isfinite(noise) and noise >= 0
+    ):
+        raise ConfigError(f"noise must be a float >= 0 (finite), got {noise!r}")
+    if units is not None:
+        units = _as_index_list(units, "units")
     name = resolve_layer(model, layer)
     inputs = inputs_for(model, example_inputs, "widen")
 
@@ -162,13 +193,13 @@ def widen(
         if len(chosen) != by:
             raise ConfigError(f"units lists {len(chosen)} units but by={by}")
         _check_segments(group, chosen, f"widen '{layer}'")
-        _check_normalized(group, chosen, allow_approximate)
+        _check_normalized(group, chosen, strategy, allow_approximate)
         plan = split_plan(group, chosen, strategy, float(noise))
         args = {"layer": name, "units": chosen, "strategy": strategy, "by": by,
                 "noise": float(noise)}
         return apply_plan(model, group, plan), args
 
-    return run_edit(model, optimizer, inputs, "widen", layer, verify, body)
+    return run_edit(model, optimizer, inputs, "widen", name, verify, body)
 
 
 def narrow(
@@ -198,6 +229,10 @@ def narrow(
     """
     if (remove is None) == (keep is None):
         raise ConfigError("narrow needs exactly one of remove= or keep=")
+    if keep is not None:
+        keep = _as_index_list(keep, "keep")
+    elif not isinstance(remove, int) or isinstance(remove, bool):
+        remove = _as_index_list(remove, "remove")
     name = resolve_layer(model, layer)
     inputs = inputs_for(model, example_inputs, "narrow")
 
@@ -214,7 +249,7 @@ def narrow(
         plan = UnitPlan.keep(torch.tensor(kept, dtype=torch.long))
         return apply_plan(model, group, plan), {"layer": name, "keep": kept}
 
-    return run_edit(model, optimizer, inputs, "narrow", layer, False, body)
+    return run_edit(model, optimizer, inputs, "narrow", name, False, body)
 
 
 def _kept_units(

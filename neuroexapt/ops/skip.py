@@ -37,7 +37,7 @@ def _wrap(model: nn.Module, name: str, cls: type[nn.Module]) -> nn.Module:
     if isinstance(parent, cls) and attr == "inner":
         return parent  # already wrapped by an earlier skip
     current = parent.get_submodule(attr)
-    wrapper = cls(current)
+    wrapper = cls(current).train(current.training)
     setattr(parent, attr, wrapper)
     return wrapper
 
@@ -113,8 +113,9 @@ def add_skip(
         source = _wrap(model, src_name, SkipSource)
         target = _wrap(model, dst_name, SkipTarget)
         assert isinstance(source, SkipSource) and isinstance(target, SkipTarget)
-        target.add_source(source, projection)
+        target.add_source(source, projection.train(target.training))
         added = [(p, reference) for p in projection.parameters()]
         return ParamMap(added=added), {"src": src_name, "dst": dst_name}
 
-    return run_edit(model, optimizer, inputs, "add_skip", f"{src}->{dst}", verify, body)
+    return run_edit(model, optimizer, inputs, "add_skip", f"{src_name}->{dst_name}", verify,
+                    body)
