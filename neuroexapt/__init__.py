@@ -7,7 +7,7 @@ built on :func:`trace`, which finds the groups of tensor dimensions that must ch
 
 import logging
 
-from neuroexapt import errors, optim
+from neuroexapt import errors, metrics, optim
 from neuroexapt.graph import (
     ElementwiseHandler,
     ModelGraph,
@@ -18,6 +18,7 @@ from neuroexapt.graph import (
     register_handler,
     trace,
 )
+from neuroexapt.metrics import analyze
 from neuroexapt.ops import (
     Checkpoint,
     EditRecord,
@@ -44,12 +45,14 @@ __all__ = [
     "ProducerHandler",
     "__version__",
     "add_skip",
+    "analyze",
     "deepen",
     "errors",
     "get_history",
     "list_handlers",
     "load",
     "mark_leaf",
+    "metrics",
     "narrow",
     "optim",
     "register_handler",

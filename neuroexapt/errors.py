@@ -53,3 +53,7 @@ class FunctionPreservationError(SurgeryError):
 
 class CheckpointError(NeuroExaptError, RuntimeError):
     """A checkpoint cannot be written or read back."""
+
+
+class AnalysisError(NeuroExaptError, RuntimeError):
+    """Measurements could not be taken (an empty loader, only non-finite losses)."""

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from neuroexapt.metrics.analyze import BOTTLENECK_METRICS, DEFAULT_THRESHOLDS, analyze
 from neuroexapt.metrics.collector import ActivationCollector, LayerStats
 from neuroexapt.metrics.estimators import (
     MI_METHODS,
@@ -24,22 +25,63 @@ from neuroexapt.metrics.estimators import (
     renyi_entropy,
     unit_entropy,
 )
+from neuroexapt.metrics.formulas import (
+    PSI,
+    TASK_TYPES,
+    StructuralEntropy,
+    layer_importance,
+    output_kl,
+    psi,
+    redundancy,
+)
+from neuroexapt.metrics.layer_metrics import (
+    ablation_loss,
+    activation_diversity,
+    get_importance_metric,
+    gradient_variance,
+    information_retained,
+    list_importance_metrics,
+    register_importance_metric,
+    unit_scores,
+)
+from neuroexapt.metrics.report import AnalysisReport, LayerAnalysis, Reason
 from neuroexapt.metrics.stats import NonFiniteCount, Reservoir, RunningMoments
 
 __all__ = [
+    "BOTTLENECK_METRICS",
+    "DEFAULT_THRESHOLDS",
     "MI_METHODS",
+    "PSI",
     "SIGMA_RULES",
+    "TASK_TYPES",
     "UNIT_ENTROPY_METHODS",
     "ActivationCollector",
+    "AnalysisReport",
+    "LayerAnalysis",
     "LayerStats",
     "NonFiniteCount",
+    "Reason",
     "Reservoir",
     "RunningMoments",
+    "StructuralEntropy",
+    "ablation_loss",
+    "activation_diversity",
+    "analyze",
     "effective_rank",
     "entropy",
+    "get_importance_metric",
+    "gradient_variance",
     "hsic",
+    "information_retained",
     "label_entropy",
+    "layer_importance",
+    "list_importance_metrics",
     "mutual_information",
+    "output_kl",
+    "psi",
+    "redundancy",
+    "register_importance_metric",
     "renyi_entropy",
     "unit_entropy",
+    "unit_scores",
 ]

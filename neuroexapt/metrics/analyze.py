@@ -1,0 +1,254 @@
+"""``neuroexapt.analyze``: measure every chosen layer and rank the bottlenecks."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroexapt.errors import AnalysisError, ConfigError
+from neuroexapt.metrics.collector import ActivationCollector, LayerSpec
+from neuroexapt.metrics.estimators import label_entropy
+from neuroexapt.metrics.formulas import TASK_TYPES
+from neuroexapt.metrics.layer_metrics import (
+    ImportanceFn,
+    ablation_loss,
+    activation_diversity,
+    get_importance_metric,
+    gradient_variance,
+    information_retained,
+)
+from neuroexapt.metrics.report import AnalysisReport, LayerAnalysis, Reason
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BOTTLENECK_METRICS", "DEFAULT_THRESHOLDS", "analyze"]
+
+BOTTLENECK_METRICS: tuple[str, ...] = (
+    "gradient_variance", "activation_diversity", "information_flow", "performance_sensitivity",
+)
+# A metric's score is in [0, 1]; a layer is a bottleneck by a metric when its score reaches
+# the threshold. gradient_variance and performance_sensitivity are scored relative to the
+# largest layer, activation_diversity is the effective-rank ratio, information_flow the share
+# of H(Y) lost since the previous layer.
+DEFAULT_THRESHOLDS: dict[str, float] = {
+    "gradient_variance": 0.5, "activation_diversity": 0.9, "information_flow": 0.1,
+    "performance_sensitivity": 0.5,
+}
+Batch = tuple[Any, torch.Tensor]
+
+
+def _as_inputs(x: Any) -> tuple[torch.Tensor, ...]:
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def _validate(metrics: Sequence[str], thresholds: Mapping[str, float] | None,
+              task_type: str, batches: int) -> dict[str, float]:
+    unknown = [m for m in metrics if m not in BOTTLENECK_METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metric {unknown[0]!r}; valid: {', '.join(BOTTLENECK_METRICS)}")
+    merged = dict(DEFAULT_THRESHOLDS)
+    for key, value in (thresholds or {}).items():
+        if key not in DEFAULT_THRESHOLDS:
+            raise ConfigError(
+                f"unknown threshold {key!r}; valid: {', '.join(DEFAULT_THRESHOLDS)}"
+            )
+        if not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ConfigError(f"threshold {key} must be in [0, 1], got {value!r}")
+        merged[key] = float(value)
+    if task_type not in TASK_TYPES:
+        raise ConfigError(f"unknown task_type {task_type!r}; valid: {', '.join(TASK_TYPES)}")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ConfigError(f"batches must be a positive int, got {batches!r}")
+    return merged
+
+
+def _execution_order(model: nn.Module, names: list[str], inputs: tuple[Any, ...]) -> list[str]:
+    order: list[str] = []
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(
+        lambda *_, n=n: order.append(n) if n not in order else None) for n in names]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n in names if n not in order]
+
+
+def _collect(model: nn.Module, collector: ActivationCollector, data: Iterable[Batch],
+             loss_fn: Callable[..., torch.Tensor], batches: int) -> tuple[int, int, Batch]:
+    seen = bad = 0
+    first: Batch | None = None
+    with collector, torch.enable_grad():
+        for x, y in data:
+            first = first or (x, y)
+            collector.set_targets(y)
+            loss = loss_fn(model(*_as_inputs(x)), y)
+            seen += 1
+            if torch.isfinite(loss):
+                loss.backward()
+            else:
+                bad += 1
+            if seen >= batches:
+                break
+    if first is None:
+        raise AnalysisError("the loader yielded no batch; pass a loader with data")
+    if bad == seen:
+        raise AnalysisError(
+            f"all {seen} losses were NaN or infinite; check the inputs, the learning rate and "
+            "the loss function before analysing"
+        )
+    return seen, bad, first
+
+
+def analyze(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    *,
+    layers: LayerSpec = None,
+    metrics: Sequence[str] = BOTTLENECK_METRICS,
+    batches: int = 8,
+    task_type: str = "classification",
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    held_out: Batch | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    mi_method: str = "renyi",
+    reservoir: int = 512,
+    importance: str | ImportanceFn | None = None,
+) -> AnalysisReport:
+    """Measure the chosen layers on ``batches`` batches and rank the bottlenecks.
+
+    The model runs in eval mode (its BatchNorm statistics do not change); gradients are
+    computed for the measurements and every parameter's ``.grad`` is restored afterwards.
+
+    Args:
+        model: the model to analyse.
+        loader: iterable of ``(inputs, targets)`` batches.
+        layers: module names, types, or None for every Conv and Linear layer.
+        metrics: which of :data:`BOTTLENECK_METRICS` to compute and rank by.
+        batches: number of batches to record.
+        task_type: ``"classification"`` (integer targets) or ``"regression"``.
+        loss_fn: defaults to cross-entropy (classification) or mean squared error.
+        held_out: batch for ``performance_sensitivity`` (default: the first recorded batch).
+        thresholds: per-metric score thresholds overriding :data:`DEFAULT_THRESHOLDS`.
+        mi_method: estimator for ``information_flow`` (see ``metrics.mutual_information``).
+        reservoir: samples kept per layer for the information estimators.
+        importance: a registered importance metric name or ``fn(layer_output, targets)``,
+            reported as the ``importance`` metric.
+
+    Returns:
+        The :class:`AnalysisReport`, layers ranked by score.
+    """
+    limits = _validate(metrics, thresholds, task_type, batches)
+    if loss_fn is None:
+        loss_fn = F.cross_entropy if task_type == "classification" else F.mse_loss
+    importance_fn = get_importance_metric(importance) if importance is not None else None
+    collector = ActivationCollector(model, layers, reservoir=reservoir)
+    grads = {p: p.grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        seen, bad, first = _collect(model, collector, loader, loss_fn, batches)
+        held = held_out or first
+        order = _execution_order(model, collector.layers, _as_inputs(held[0]))
+        results = _measure(model, collector, order, metrics, loss_fn, held, task_type,
+                           mi_method, importance_fn)
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+        for m, mode in modes.items():
+            m.training = mode
+    h_y = _label_entropy(collector, order, task_type)
+    _score(results, metrics, limits, h_y)
+    if bad:
+        for r in results:
+            r.warnings.append(f"{bad} of {seen} batches had a non-finite loss and were skipped")
+    results.sort(key=lambda r: -r.score)
+    return AnalysisReport(results, task_type, h_y, seen, collector.never_ran())
+
+
+def _label_entropy(collector: ActivationCollector, order: list[str], task: str) -> float | None:
+    if task != "classification":
+        return None
+    for name in order:
+        if collector[name].batches:
+            _, y = collector[name].samples()
+            return label_entropy(y) if y is not None else None
+    return None
+
+
+def _measure(
+    model: nn.Module, collector: ActivationCollector, order: list[str], metrics: Sequence[str],
+    loss_fn: Callable[..., torch.Tensor], held: Batch, task_type: str, mi_method: str,
+    importance_fn: ImportanceFn | None,
+) -> list[LayerAnalysis]:
+    modules = dict(model.named_modules())
+    inputs, targets = _as_inputs(held[0]), held[1]
+    base = float(loss_fn(model(*inputs), targets).detach()) \
+        if "performance_sensitivity" in metrics else 0.0
+    out = []
+    for name in order:
+        stats = collector[name]
+        result = LayerAnalysis(name, stats.units or 0, stats.batches)
+        if not stats.batches:
+            out.append(result)
+            continue
+        if stats.nan_count or stats.inf_count:
+            result.warnings.append(
+                f"{stats.nan_count} NaN and {stats.inf_count} Inf values were left out")
+        m = result.metrics
+        if "gradient_variance" in metrics and stats.grad_batches:
+            m["gradient_variance"] = gradient_variance(stats)
+        if "activation_diversity" in metrics:
+            m.update(activation_diversity(stats))
+        if "information_flow" in metrics and task_type == "classification":
+            m["information"] = information_retained(stats, mi_method)
+        if "performance_sensitivity" in metrics:
+            ablated = ablation_loss(model, modules[name], inputs, targets, loss_fn)
+            m["performance_sensitivity"] = max(0.0, ablated - base)
+        if importance_fn is not None:
+            x, y = stats.samples()
+            m["importance"] = float(importance_fn(x, y if y is not None else x))
+        out.append(result)
+    previous = None
+    for result in out:
+        info = result.metrics.get("information")
+        if info is not None:
+            result.metrics["information_lost"] = max(0.0, previous - info) \
+                if previous is not None else 0.0
+            previous = info
+    return out
+
+
+def _score(results: list[LayerAnalysis], metrics: Sequence[str], limits: dict[str, float],
+           h_y: float | None) -> None:
+    def top(key: str) -> float:
+        vals = [r.metrics[key] for r in results if math.isfinite(r.metrics.get(key, math.nan))]
+        return max(vals, default=0.0)
+
+    tops = {k: top(k) for k in ("gradient_variance", "performance_sensitivity")}
+    for r in results:
+        raw = {
+            "gradient_variance": ("gradient_variance", tops["gradient_variance"]),
+            "activation_diversity": ("rank_ratio", 1.0),
+            "information_flow": ("information_lost", h_y or 0.0),
+            "performance_sensitivity": ("performance_sensitivity",
+                                        tops["performance_sensitivity"]),
+        }
+        for metric in metrics:
+            key, scale = raw[metric]
+            value = r.metrics.get(key, math.nan)
+            if not math.isfinite(value) or scale <= 0:
+                continue
+            score = min(1.0, value / scale)
+            r.scores[metric] = score
+            if score >= limits[metric]:
+                r.reasons.append(Reason(metric, value, score, limits[metric]))
+        r.score = sum(r.scores.values()) / len(r.scores) if r.scores else 0.0
