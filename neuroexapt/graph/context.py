@@ -90,8 +90,30 @@ class BuildContext:
             self.groups.add_member(gid, Member(module, tensor, tdim, role))
         return Layout(dim, ndim, (Segment(gid, size),))
 
+    def _refine(self, single: Layout, multi: Layout, where: str) -> bool:
+        """Split ``single``'s group along ``multi``'s segments when they can align."""
+        seg = single.single
+        if seg is None or len(multi.segments) < 2 or single.ndim - single.dim != \
+                multi.ndim - multi.dim:
+            return False
+        if any(s.block != seg.block for s in multi.segments) or \
+                sum(s.units for s in multi.segments) != seg.units:
+            return False
+        assert seg.gid is not None
+        self.groups.refine(seg.gid, [(s.gid, s.units) for s in multi.segments], where)
+        return True
+
     def merge(self, layouts: Sequence[Layout], where: str) -> Layout | None:
-        """Unify layouts that meet element-wise (a residual add); None if they cannot align."""
+        """Unify layouts that meet element-wise (a residual add); None if they cannot align.
+
+        A single group that meets a concatenation is split into parts that follow it.
+        """
+        if len(layouts) == 2:
+            a, b = layouts
+            if self._refine(a, b, where):
+                return b if b.ndim >= a.ndim else b.with_dim(b.dim + a.ndim - b.ndim, a.ndim)
+            if self._refine(b, a, where):
+                return a if a.ndim >= b.ndim else a.with_dim(a.dim + b.ndim - a.ndim, b.ndim)
         first = layouts[0]
         for other in layouts[1:]:
             if first.ndim - first.dim != other.ndim - other.dim:

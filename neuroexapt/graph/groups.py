@@ -100,12 +100,20 @@ class Group:
         )
 
 
+def _shifted(member: Member, unit_offset: int) -> Member:
+    """``member`` moved ``unit_offset`` units further along its dimension."""
+    return Member(member.module, member.tensor, member.dim, member.role,
+                  member.offset + unit_offset * member.block, member.block)
+
+
 class GroupBuilder:
     """Union-find over groups while a graph is being traced."""
 
     def __init__(self) -> None:
         self._parent: list[int] = []
         self._groups: list[Group] = []
+        # group id -> the (group id or None, units) pieces it was split into
+        self.refined: dict[int, list[tuple[int | None, int]]] = {}
 
     def new(self, size: int, producer: str | None = None) -> int:
         """Create a group of ``size`` units and return its id."""
@@ -130,6 +138,12 @@ class GroupBuilder:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return ra
+        if ra in self.refined or rb in self.refined:
+            reason = f"a group split by a concatenation meets another group at {where}"
+            for root in (ra, rb):
+                for piece, _ in self._pieces(root) if root in self.refined else [(root, 0)]:
+                    self.freeze(piece, reason)
+            return ra
         ga, gb = self._groups[ra], self._groups[rb]
         if ga.size != gb.size:
             reason = f"groups of sizes {ga.size} and {gb.size} meet at {where}"
@@ -145,10 +159,44 @@ class GroupBuilder:
         return ra
 
     def add_member(self, gid: int, member: Member) -> None:
-        """Record that ``member`` changes with group ``gid``."""
-        group = self.get(gid)
+        """Record that ``member`` changes with group ``gid`` (or with its pieces if split)."""
+        root = self.find(gid)
+        if root in self.refined:
+            for piece, unit_offset in self._pieces(root):
+                self.add_member(piece, _shifted(member, unit_offset))
+            return
+        group = self._groups[root]
         if member not in group.members:
             group.members.append(member)
+
+    def _pieces(self, root: int) -> list[tuple[int, int]]:
+        """(piece id, unit offset) of the pieces of a split group that have a group."""
+        out, offset = [], 0
+        for piece, units in self.refined[root]:
+            if piece is not None:
+                out.append((piece, offset))
+            offset += units
+        return out
+
+    def refine(self, gid: int, pieces: list[tuple[int | None, int]], where: str) -> None:
+        """Split group ``gid`` into consecutive ``pieces``, each tied to a group or fixed.
+
+        Used where a single group meets a concatenation element-wise: its first units follow
+        the concatenation's first part, and so on. Fixed pieces (None) are never resized.
+        """
+        root = self.find(gid)
+        group = self._groups[root]
+        self.refined[root] = list(pieces)
+        for piece, offset in self._pieces(root):
+            for member in group.members:
+                self.add_member(piece, _shifted(member, offset))
+            for reason in group.frozen:
+                self.freeze(piece, reason)
+            target = self.get(piece)
+            target.producers.extend(p for p in group.producers if p not in target.producers)
+            target.normalizers.extend(group.normalizers)
+        group.members = []
+        group.frozen.append(f"split into the parts of a concatenation at {where}")
 
     def freeze(self, gid: int, reason: str, module: str | None = None) -> None:
         """Forbid resizing group ``gid`` for ``reason``."""
@@ -160,7 +208,12 @@ class GroupBuilder:
 
     def constrain(self, gid: int, segments: int, normalizer: str | None = None) -> None:
         """Require the units of ``gid`` to stay in ``segments`` equal segments."""
-        group = self.get(gid)
+        root = self.find(gid)
+        if root in self.refined:
+            for piece, _ in self._pieces(root):
+                self.freeze(piece, "a normalisation or grouped layer spans a concatenation")
+            return
+        group = self._groups[root]
         group.segments = math.lcm(group.segments, segments)
         if normalizer is not None:
             group.normalizers.append(normalizer)

@@ -71,9 +71,10 @@ def _user_module(node: fx.Node) -> tuple[str, str] | None:
     return None
 
 
-def _unknown(ctx: BuildContext, node: fx.Node, what: str) -> NodeLayout:
+def _unknown(ctx: BuildContext, node: fx.Node, what: str, opaque: bool = True) -> NodeLayout:
+    """Freeze the groups ``node`` reads; ``opaque`` ops inside a user layer name that layer."""
     ins = ctx.layouts_in((node.args, node.kwargs))
-    owner = _user_module(node)
+    owner = _user_module(node) if opaque else None
     if owner is None:
         ctx.freeze(ins, f"{what} at node '{node.name}'")
     else:
@@ -100,7 +101,7 @@ def _binary(ctx: BuildContext, node: fx.Node) -> NodeLayout:
             return _unknown(ctx, node, f"'{name}' with a tensor that mixes the units")
     merged = ctx.merge(present, f"node '{node.name}'") if len(present) > 1 else present[0]
     if merged is None:
-        return _unknown(ctx, node, "element-wise op on misaligned groups")
+        return _unknown(ctx, node, "element-wise op on misaligned groups", opaque=False)
     if out_shape is not None and len(out_shape) != merged.ndim:
         return merged.with_dim(merged.dim + len(out_shape) - merged.ndim, len(out_shape))
     return merged
@@ -181,18 +182,18 @@ def _cat(ctx: BuildContext, node: fx.Node) -> NodeLayout:
         present = [lay for lay in layouts if lay is not None]
         merged = ctx.merge(present, f"node '{node.name}'") if len(present) > 1 else ref
         if len(present) != len(layouts) or merged is None:
-            return _unknown(ctx, node, "concatenation along a non-unit dim")
+            return _unknown(ctx, node, "concatenation along a non-unit dim", opaque=False)
         return merged
     segments: list[Segment] = []
     for t, lay in zip(tensors, layouts, strict=True):
         if lay is not None:
             if lay.dim != dim:
-                return _unknown(ctx, node, "concatenation of misaligned units")
+                return _unknown(ctx, node, "concatenation of misaligned units", opaque=False)
             segments.extend(lay.segments)
         else:
             shape = ctx.shape_of(t)
             if shape is None:
-                return _unknown(ctx, node, "concatenation of an untraced tensor")
+                return _unknown(ctx, node, "concatenation of an untraced tensor", opaque=False)
             segments.append(Segment(None, shape[dim]))
     return Layout(dim, len(out_shape), tuple(segments))
 

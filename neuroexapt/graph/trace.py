@@ -100,8 +100,8 @@ class ModelGraph:
         seg = lay.single
         if seg is None:
             raise TraceError(
-                f"the output of '{layer}' concatenates several groups; edit the layers that "
-                "produce them instead"
+                f"the output of '{layer}' spans several groups (a concatenation, or a residual "
+                "addition with one); edit the layers that produce those groups instead"
             )
         assert seg.gid is not None
         return self.groups[seg.gid]
@@ -207,8 +207,9 @@ def _build(model: nn.Module, graph: fx.Graph) -> ModelGraph:
         elif node.op == "output":
             ctx.freeze(ctx.layouts_in(node.args), "it is the model's output")
     _couple_shared_tensors(ctx)
+    refined = dict(ctx.groups.refined)
     groups, mapping = ctx.groups.finish()
-    layouts = {n: _renumber(v, mapping) for n, v in ctx.layouts.items()}
+    layouts = {n: _renumber(_expand(v, refined), mapping) for n, v in ctx.layouts.items()}
     logger.debug("traced %s: %d groups", type(model).__name__, len(groups))
     return ModelGraph(model, graph, groups, layouts, unsupported)
 
@@ -249,6 +250,22 @@ def _couple_shared_tensors(ctx: BuildContext) -> None:
                 ctx.groups.union(owners[key], gid, f"shared tensor '{m.path}'")
             else:
                 owners[key] = gid
+
+
+def _expand(value: NodeLayout, refined: dict[int, list[tuple[int | None, int]]]) -> NodeLayout:
+    """Replace segments of groups split by a concatenation with their pieces."""
+    if isinstance(value, tuple):
+        return tuple(_expand(v, refined) for v in value)
+    if not isinstance(value, Layout) or not any(s.gid in refined for s in value.segments):
+        return value
+    segs: list[Segment] = []
+    for s in value.segments:
+        if s.gid in refined:
+            pieces = [Segment(g, units, s.block) for g, units in refined[s.gid]]
+            segs.extend(_expand(Layout(value.dim, value.ndim, tuple(pieces)), refined).segments)
+        else:
+            segs.append(s)
+    return Layout(value.dim, value.ndim, tuple(segs))
 
 
 def _renumber(value: NodeLayout, mapping: dict[int, int]) -> NodeLayout:
