@@ -245,6 +245,7 @@ def other_cores(seconds: float) -> float:
 
 
 def _maxrss_kb() -> int:
+    """``ru_maxrss`` of this process (reset by ``clear_refs`` too)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
 
