@@ -20,6 +20,7 @@ from torch import nn
 
 from neuroexapt.errors import CheckpointError, NeuroExaptError
 from neuroexapt.ops.history import EditRecord, get_history, make_inputs
+from neuroexapt.optim.named import load_named_state, named_state
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +37,6 @@ class Checkpoint(NamedTuple):
     optimizer: torch.optim.Optimizer | None
 
 
-def _optimizer_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    state = optimizer.state_dict()
-    flat = [p for g in optimizer.param_groups for p in g["params"]]
-    missing = [i for i, p in enumerate(flat) if id(p) not in names]
-    if missing:
-        raise CheckpointError(
-            f"the optimizer holds {len(missing)} parameters that are not in the model; save "
-            "the optimizer that trains this model"
-        )
-    index_to_name = {i: names[id(p)] for i, p in enumerate(flat)}
-    groups = [{**g, "params": [index_to_name[i] for i in g["params"]]}
-              for g in state["param_groups"]]
-    return {"param_groups": groups,
-            "state": {index_to_name[i]: s for i, s in state["state"].items()}}
-
-
 def save(model: nn.Module, path: str | os.PathLike[str],
          optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write ``model`` (history and weights) and optionally its optimizer to ``path`` atomically."""
@@ -62,7 +46,10 @@ def save(model: nn.Module, path: str | os.PathLike[str],
         "state_dict": model.state_dict(),
     }
     if optimizer is not None:
-        payload["optimizer"] = _optimizer_by_name(model, optimizer)
+        try:
+            payload["optimizer"] = named_state(model, optimizer)
+        except NeuroExaptError as e:
+            raise CheckpointError(f"cannot save the optimizer: {e}") from e
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
     try:
@@ -140,29 +127,8 @@ def load(
     if optimizer_factory is not None:
         optimizer = optimizer_factory(model)
         if "optimizer" in data:
-            _load_optimizer(model, optimizer, data["optimizer"])
+            try:
+                load_named_state(model, optimizer, data["optimizer"])
+            except NeuroExaptError as e:
+                raise CheckpointError(f"optimizer state in '{path}' does not fit: {e}") from e
     return Checkpoint(model, optimizer)
-
-
-def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    saved: dict[str, Any]) -> None:
-    params = dict(model.named_parameters())
-    groups = saved["param_groups"]
-    if len(groups) != len(optimizer.param_groups):
-        raise CheckpointError(
-            f"the checkpoint's optimizer has {len(groups)} param groups, the new one "
-            f"{len(optimizer.param_groups)}"
-        )
-    order: list[str] = []
-    for group, saved_group in zip(optimizer.param_groups, groups, strict=True):
-        names = saved_group["params"]
-        if {id(params[n]) for n in names if n in params} != {id(p) for p in group["params"]}:
-            raise CheckpointError("optimizer_factory's param groups do not match the checkpoint")
-        group["params"] = [params[n] for n in names]
-        order.extend(names)
-    index = {n: i for i, n in enumerate(order)}
-    state_dict = {
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
-        "state": {index[n]: s for n, s in saved["state"].items()},
-    }
-    optimizer.load_state_dict(state_dict)

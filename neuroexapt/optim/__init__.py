@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from neuroexapt.optim.migrate import OptimizerSnapshot, migrate, restore, snapshot
+from neuroexapt.optim.named import load_named_state, named_state
 from neuroexapt.optim.parammap import DimMap, ParamChange, ParamMap
 
 __all__ = [
@@ -20,7 +21,9 @@ __all__ = [
     "OptimizerSnapshot",
     "ParamChange",
     "ParamMap",
+    "load_named_state",
     "migrate",
+    "named_state",
     "restore",
     "snapshot",
 ]
