@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroexapt.errors import AnalysisError, ConfigError
-from neuroexapt.metrics.collector import ActivationCollector, LayerSpec
+from neuroexapt.metrics.collector import ActivationCollector, LayerSpec, LayerStats
 from neuroexapt.metrics.estimators import label_entropy
 from neuroexapt.metrics.formulas import TASK_TYPES
 from neuroexapt.metrics.layer_metrics import (
@@ -27,7 +27,7 @@ from neuroexapt.metrics.report import AnalysisReport, LayerAnalysis, Reason
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BOTTLENECK_METRICS", "DEFAULT_THRESHOLDS", "analyze"]
+__all__ = ["BOTTLENECK_METRICS", "DEFAULT_THRESHOLDS", "analyze", "report_from_stats"]
 
 BOTTLENECK_METRICS: tuple[str, ...] = (
     "gradient_variance", "activation_diversity", "information_flow", "performance_sensitivity",
@@ -58,7 +58,7 @@ def _validate(metrics: Sequence[str], thresholds: Mapping[str, float] | None,
             raise ConfigError(
                 f"unknown threshold {key!r}; valid: {', '.join(DEFAULT_THRESHOLDS)}"
             )
-        if not isinstance(value, int | float) or not 0 <= value <= 1:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             raise ConfigError(f"threshold {key} must be in [0, 1], got {value!r}")
         merged[key] = float(value)
     if task_type not in TASK_TYPES:
@@ -88,19 +88,20 @@ def _collect(model: nn.Module, collector: ActivationCollector, data: Iterable[Ba
     first: Batch | None = None
     with collector, torch.enable_grad():
         for x, y in data:
-            first = first or (x, y)
             collector.set_targets(y)
             loss = loss_fn(model(*_as_inputs(x)), y)
             seen += 1
-            if torch.isfinite(loss):
-                loss.backward()
-            else:
+            if not torch.isfinite(loss):
                 bad += 1
+            else:
+                first = first or (x, y)  # the default held-out batch: the first finite one
+                if loss.requires_grad:  # a frozen model has no gradients to measure
+                    loss.backward()
             if seen >= batches:
                 break
-    if first is None:
+    if not seen:
         raise AnalysisError("the loader yielded no batch; pass a loader with data")
-    if bad == seen:
+    if first is None:
         raise AnalysisError(
             f"all {seen} losses were NaN or infinite; check the inputs, the learning rate and "
             "the loss function before analysing"
@@ -146,35 +147,73 @@ def analyze(
     Returns:
         The :class:`AnalysisReport`, layers ranked by score.
     """
-    limits = _validate(metrics, thresholds, task_type, batches)
+    _validate(metrics, thresholds, task_type, batches)
     if loss_fn is None:
         loss_fn = F.cross_entropy if task_type == "classification" else F.mse_loss
-    importance_fn = get_importance_metric(importance) if importance is not None else None
+    if importance is not None:
+        get_importance_metric(importance)  # an unknown name fails before any work
     collector = ActivationCollector(model, layers, reservoir=reservoir)
     grads = {p: p.grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
+        for p in grads:  # backward accumulates into an existing .grad in place
+            p.grad = None
         seen, bad, first = _collect(model, collector, loader, loss_fn, batches)
         held = held_out or first
         order = _execution_order(model, collector.layers, _as_inputs(held[0]))
-        results = _measure(model, collector, order, metrics, loss_fn, held, task_type,
-                           mi_method, importance_fn)
+        report = report_from_stats(
+            model, {n: collector[n] for n in collector.layers}, order, metrics=metrics,
+            thresholds=thresholds, task_type=task_type, loss_fn=loss_fn, held_out=held,
+            mi_method=mi_method, importance=importance, batches=seen,
+        )
     finally:
         for p, g in grads.items():
             p.grad = g
         for m, mode in modes.items():
             m.training = mode
-    h_y = _label_entropy(collector, order, task_type)
-    _score(results, metrics, limits, h_y)
     if bad:
-        for r in results:
+        for r in report.layers:
             r.warnings.append(f"{bad} of {seen} batches had a non-finite loss and were skipped")
+    return report
+
+
+def report_from_stats(
+    model: nn.Module,
+    stats: Mapping[str, LayerStats],
+    order: Sequence[str],
+    *,
+    metrics: Sequence[str] = BOTTLENECK_METRICS,
+    thresholds: Mapping[str, float] | None = None,
+    task_type: str = "classification",
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    held_out: Batch | None = None,
+    mi_method: str = "renyi",
+    importance: str | ImportanceFn | None = None,
+    batches: int = 0,
+) -> AnalysisReport:
+    """Metrics, scores and ranking from statistics already collected (by hooks or by hand).
+
+    ``performance_sensitivity`` needs ``held_out`` (and ``loss_fn``); without it the metric is
+    left out. ``order`` is the layers' execution order (information loss is measured along it).
+    """
+    limits = _validate(metrics, thresholds, task_type, max(1, batches))
+    if loss_fn is None:
+        loss_fn = F.cross_entropy if task_type == "classification" else F.mse_loss
+    if held_out is None:
+        metrics = [m for m in metrics if m != "performance_sensitivity"]
+    importance_fn = get_importance_metric(importance) if importance is not None else None
+    never = [n for n in order if not stats[n].batches]
+    results = _measure(model, stats, list(order), metrics, loss_fn, held_out, task_type,
+                       mi_method, importance_fn)
+    h_y = _label_entropy(stats, list(order), task_type)
+    _score(results, metrics, limits, h_y)
     results.sort(key=lambda r: -r.score)
-    return AnalysisReport(results, task_type, h_y, seen, collector.never_ran())
+    return AnalysisReport(results, task_type, h_y, batches, never, list(order))
 
 
-def _label_entropy(collector: ActivationCollector, order: list[str], task: str) -> float | None:
+def _label_entropy(collector: Mapping[str, LayerStats], order: list[str], task: str
+                   ) -> float | None:
     if task != "classification":
         return None
     for name in order:
@@ -185,14 +224,16 @@ def _label_entropy(collector: ActivationCollector, order: list[str], task: str) 
 
 
 def _measure(
-    model: nn.Module, collector: ActivationCollector, order: list[str], metrics: Sequence[str],
-    loss_fn: Callable[..., torch.Tensor], held: Batch, task_type: str, mi_method: str,
+    model: nn.Module, collector: Mapping[str, LayerStats], order: list[str],
+    metrics: Sequence[str], loss_fn: Callable[..., torch.Tensor], held: Batch | None,
+    task_type: str, mi_method: str,
     importance_fn: ImportanceFn | None,
 ) -> list[LayerAnalysis]:
     modules = dict(model.named_modules())
-    inputs, targets = _as_inputs(held[0]), held[1]
-    base = float(loss_fn(model(*inputs), targets).detach()) \
-        if "performance_sensitivity" in metrics else 0.0
+    sensitivity = "performance_sensitivity" in metrics and held is not None
+    inputs, targets = (_as_inputs(held[0]), held[1]) if held is not None else ((), None)
+    with torch.no_grad():
+        base = float(loss_fn(model(*inputs), targets)) if sensitivity else 0.0
     out = []
     for name in order:
         stats = collector[name]
@@ -208,9 +249,10 @@ def _measure(
             m["gradient_variance"] = gradient_variance(stats)
         if "activation_diversity" in metrics:
             m.update(activation_diversity(stats))
-        if "information_flow" in metrics and task_type == "classification":
+        if "information_flow" in metrics and task_type == "classification" \
+                and stats.samples()[1] is not None:
             m["information"] = information_retained(stats, mi_method)
-        if "performance_sensitivity" in metrics:
+        if sensitivity:
             ablated = ablation_loss(model, modules[name], inputs, targets, loss_fn)
             m["performance_sensitivity"] = max(0.0, ablated - base)
         if importance_fn is not None:

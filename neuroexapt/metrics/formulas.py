@@ -69,7 +69,8 @@ def layer_importance(
     Returns:
         The importance in nats; with psi = 1 it equals the mutual information.
     """
-    factor = psi(task_type) if psi_value is None else psi_value
+    factor = psi(task_type)  # validates task_type even when psi is overridden
+    factor = factor if psi_value is None else psi_value
     _check_finite(h_output=h_output, h_output_given_layer=h_output_given_layer, psi=factor)
     return float(h_output - h_output_given_layer * factor)
 

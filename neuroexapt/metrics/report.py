@@ -62,6 +62,7 @@ class AnalysisReport:
     label_entropy: float | None
     batches: int
     never_ran: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # execution order of the layers
 
     def __getitem__(self, name: str) -> LayerAnalysis:
         for layer in self.layers:

@@ -1,0 +1,144 @@
+"""Adaptive neuron division: which units to split, how many, and their gradual separation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuroexapt.errors import ConfigError, SurgeryError
+from neuroexapt.graph import Group, trace
+from neuroexapt.metrics.collector import LayerStats
+from neuroexapt.metrics.layer_metrics import unit_scores
+from neuroexapt.ops import EditRecord, unit_norms, widen
+from neuroexapt.ops.resize import split_plan
+from neuroexapt.policy.config import DIVISION_STRATEGIES
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AdaptiveNeuronDivision"]
+
+_SCORE_KIND = {"gradient_based": "gradient", "activation_based": "activation", "hybrid": "hybrid"}
+
+
+@dataclass
+class _Separation:
+    """Copies still being separated: (parameter, dim, rows of originals, rows of copies)."""
+
+    tensors: list[tuple[nn.Parameter, int, torch.Tensor, torch.Tensor]]
+    epochs_left: int
+
+
+class AdaptiveNeuronDivision:
+    """Splits the most useful units of a layer (Net2Net) and separates the copies gradually.
+
+    ``gradient_based`` splits the units with the largest E[g^2] (the loss most wants them to
+    change), ``activation_based`` those with the largest activation variance, ``hybrid`` the
+    mean of both after normalising each by its maximum. New units start as exact copies (the
+    function is unchanged); over ``progressive_epochs`` epochs each copy pair receives
+    opposite noise on its incoming weights, ``noise_scale / progressive_epochs`` of the
+    weights' std per epoch, which leaves the function unchanged to first order.
+
+    Example:
+        >>> division = AdaptiveNeuronDivision("hybrid", noise_scale=0.1, progressive_epochs=5)
+        >>> record = division.divide(model, "features.3", stats=collector["features.3"],
+        ...                          example_inputs=x, optimizer=opt)
+    """
+
+    def __init__(self, strategy: str = "hybrid", noise_scale: float = 0.1,
+                 progressive_epochs: int = 5, fraction: float = 0.25, seed: int = 0) -> None:
+        if strategy not in DIVISION_STRATEGIES:
+            raise ConfigError(f"unknown division strategy {strategy!r}; valid: "
+                              f"{', '.join(DIVISION_STRATEGIES)}")
+        self.strategy, self.noise_scale = strategy, float(noise_scale)
+        self.progressive_epochs, self.fraction = progressive_epochs, fraction
+        self.pending: list[_Separation] = []
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def scores(self, model: nn.Module, group: Group, stats: LayerStats | None) -> torch.Tensor:
+        """Per-unit scores of the strategy (weight norms when no statistics fit the group)."""
+        if stats is not None and stats.batches and stats.units == group.size:
+            needs_grad = self.strategy != "activation_based"
+            if not needs_grad or stats.grad_batches:
+                return unit_scores(stats, _SCORE_KIND[self.strategy]).double().cpu()
+        return unit_norms(model, group)
+
+    def choose(self, model: nn.Module, group: Group, stats: LayerStats | None) -> list[int]:
+        """The units to split: ``fraction`` of the group, equally many per segment."""
+        per = group.size // group.segments
+        k = max(1, round(self.fraction * per))
+        scores = self.scores(model, group, stats)
+        chosen: list[int] = []
+        for s in range(group.segments):
+            seg = scores[s * per : (s + 1) * per]
+            chosen += (seg.argsort(descending=True, stable=True)[:k] + s * per).tolist()
+        return sorted(chosen)
+
+    def divide(self, model: nn.Module, layer: str, *, stats: LayerStats | None = None,
+               example_inputs: Any = None,
+               optimizer: torch.optim.Optimizer | None = None) -> EditRecord:
+        """Split the chosen units of ``layer``'s group; raises SurgeryError if impossible."""
+        graph = trace(model, example_inputs) if example_inputs is not None else None
+        if graph is None:
+            raise ConfigError("divide needs example_inputs= to trace the model")
+        group = graph.group_of(layer)
+        if group.normalizers:
+            raise SurgeryError(f"'{layer}' feeds {', '.join(group.normalizers)}, which "
+                               "normalise over its units: splitting a few would change the output")
+        units = self.choose(model, group, stats)
+        plan = split_plan(group, units, "split", 0.0)
+        record = widen(model, layer, len(units), units=units, example_inputs=example_inputs,
+                       optimizer=optimizer, verify=True)
+        self._schedule(model, layer, example_inputs, plan.index)
+        return record
+
+    def _schedule(self, model: nn.Module, layer: str, inputs: Any, index: torch.Tensor) -> None:
+        firsts: dict[int, int] = {}
+        pairs = []
+        for j, u in enumerate(index.tolist()):
+            if u in firsts:
+                pairs.append((firsts[u], j))
+            else:
+                firsts[u] = j
+        group = trace(model, inputs).group_of(layer)
+        tensors = []
+        for m in group.members:
+            if m.role != "out" or not m.tensor:
+                continue
+            param = getattr(model.get_submodule(m.module) if m.module else model, m.tensor)
+            if param.dim() < 2:
+                continue  # biases stay equal; the weights carry the separation
+            rows = [(m.offset + a * m.block + t, m.offset + b * m.block + t)
+                    for a, b in pairs for t in range(m.block)]
+            orig = torch.tensor([r[0] for r in rows])
+            copy = torch.tensor([r[1] for r in rows])
+            tensors.append((param, m.dim, orig, copy))
+        sep = _Separation(tensors, max(1, self.progressive_epochs))
+        if self.noise_scale > 0 and tensors:
+            self.pending.append(sep)
+            if self.progressive_epochs == 0:
+                self.step_epoch(model)
+
+    def step_epoch(self, model: nn.Module) -> int:
+        """Apply one epoch of separation noise; returns how many pairs were moved."""
+        alive = {id(p) for p in model.parameters()}
+        moved = 0
+        for sep in list(self.pending):
+            scale = self.noise_scale / max(1, self.progressive_epochs)
+            with torch.no_grad():
+                for param, dim, orig, copy in sep.tensors:
+                    if id(param) not in alive:
+                        continue  # the layer was edited again: its rows moved
+                    rows = param.index_select(dim, orig.to(param.device))
+                    std = float(param.detach().float().std()) or 1.0
+                    noise = torch.randn(rows.shape, generator=self._gen).to(rows) * std * scale
+                    param.index_add_(dim, orig.to(param.device), noise)
+                    param.index_add_(dim, copy.to(param.device), -noise)
+                    moved += orig.numel()
+            sep.epochs_left -= 1
+            if sep.epochs_left <= 0:
+                self.pending.remove(sep)
+        return moved

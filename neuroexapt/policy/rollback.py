@@ -1,0 +1,36 @@
+"""Snapshots of a model and its optimizer that can be restored bit for bit, in place."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuroexapt.optim.named import load_named_state, named_state
+
+__all__ = ["Snapshot"]
+
+
+@dataclass
+class Snapshot:
+    """A deep copy of a model (structure, weights, buffers, edit history) and its optimizer."""
+
+    model: nn.Module
+    optimizer_state: dict[str, Any] | None
+
+    @classmethod
+    def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Snapshot:
+        """Copy ``model`` and the optimizer's state (by parameter name)."""
+        state = named_state(model, optimizer) if optimizer is not None else None
+        return cls(copy.deepcopy(model), state)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Put ``model`` (the same object) and ``optimizer`` back as they were when taken."""
+        fresh = copy.deepcopy(self.model)  # keep the snapshot reusable
+        model.__dict__.clear()
+        model.__dict__.update(fresh.__dict__)  # every module's mode comes back with it
+        if optimizer is not None and self.optimizer_state is not None:
+            load_named_state(model, optimizer, self.optimizer_state, reassign=True)

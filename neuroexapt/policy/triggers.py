@@ -1,0 +1,58 @@
+"""When to change the architecture: interval, plateau, bottleneck evidence, budgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from neuroexapt.policy.config import DNMConfig
+
+__all__ = ["MorphogenesisTrigger"]
+
+
+@dataclass
+class MorphogenesisTrigger:
+    """Decides whether to trigger morphogenesis; keeps the validation history it needs.
+
+    A check happens every ``morphogenesis_interval`` epochs. It fires when the change budget
+    (``max_architecture_changes``) is not spent, no earlier change is still being evaluated,
+    and there is evidence: a plateau (the validation metric improved by less than
+    ``performance_improvement_threshold`` over the last ``plateau_window`` epochs) or a layer
+    that the analysis ranked as a bottleneck.
+    """
+
+    config: DNMConfig
+    history: list[float] = field(default_factory=list)
+    changes: int = 0
+    evaluating_until: int = -1  # last epoch of the current evaluation window
+
+    def record(self, metric: float) -> None:
+        """Append one validation measurement."""
+        self.history.append(float(metric))
+
+    def plateau(self) -> tuple[bool, str]:
+        """Whether the metric stopped improving, with the measured improvement."""
+        w = self.config.plateau_window
+        if len(self.history) <= w:
+            return False, f"only {len(self.history)} validation records, plateau needs {w + 1}"
+        gain = self.history[-1] - max(self.history[-w - 1 : -1])
+        limit = self.config.performance_improvement_threshold
+        text = f"validation improved by {gain:+.4f} over {w} epochs (threshold {limit})"
+        return gain < limit, text
+
+    def check(self, epoch: int, bottlenecks: list[str]) -> tuple[bool, list[str]]:
+        """(trigger?, reasons); ``bottlenecks`` lists reasons from the analysis."""
+        cfg = self.config
+        if self.changes >= cfg.max_architecture_changes:
+            return False, [f"budget spent: {self.changes} of {cfg.max_architecture_changes} "
+                           "architecture changes made"]
+        if epoch % cfg.morphogenesis_interval != 0:
+            return False, [f"epoch {epoch} is not a multiple of morphogenesis_interval="
+                           f"{cfg.morphogenesis_interval}"]
+        if epoch <= self.evaluating_until:
+            return False, [f"the last change is evaluated until epoch {self.evaluating_until}"]
+        stalled, text = self.plateau()
+        reasons = [f"plateau: {text}"] if stalled else []
+        reasons += [f"bottleneck: {b}" for b in bottlenecks]
+        if not reasons:
+            return False, [f"no plateau ({text}) and no bottleneck found"]
+        return True, reasons
