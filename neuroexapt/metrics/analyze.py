@@ -209,7 +209,7 @@ def report_from_stats(
     h_y = _label_entropy(stats, list(order), task_type)
     _score(results, metrics, limits, h_y)
     results.sort(key=lambda r: -r.score)
-    return AnalysisReport(results, task_type, h_y, batches, never, list(order))
+    return AnalysisReport(results, task_type, h_y, batches, never, list(order), dict(stats))
 
 
 def _label_entropy(collector: Mapping[str, LayerStats], order: list[str], task: str

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = ["AnalysisReport", "LayerAnalysis", "Reason"]
@@ -63,6 +63,8 @@ class AnalysisReport:
     batches: int
     never_ran: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # execution order of the layers
+    # the statistics behind the metrics, per layer (not serialised)
+    stats: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __getitem__(self, name: str) -> LayerAnalysis:
         for layer in self.layers:
@@ -77,7 +79,9 @@ class AnalysisReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (non-finite numbers become None)."""
-        return _clean(asdict(self))
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stats"}
+        data["layers"] = [asdict(x) for x in self.layers]
+        return _clean(data)
 
     def to_json(self, indent: int | None = 2) -> str:
         """JSON for machines."""

@@ -42,9 +42,10 @@ class DNMConfig:
     evaluation_window: int = 2  # epochs after a change during which a drop rolls it back
     plateau_window: int = 3  # epochs over which improvement is measured
     max_parameters: int | None = None  # refuse changes that would exceed this count
-    analysis_every: int = 10  # record statistics on every n-th training batch
+    analysis_batches: int = 4  # probe batches analysed by each update_caches()
     allow_deepen: bool = True  # deepen at a bottleneck when splitting is not possible
     allow_connections: bool = True  # grow skip connections where information is lost
+    trigger_on_bottleneck: bool = False  # trigger on bottleneck evidence alone, without plateau
 
     def __post_init__(self) -> None:
         _positive_int("morphogenesis_interval", self.morphogenesis_interval)
@@ -52,7 +53,7 @@ class DNMConfig:
         _positive_int("max_architecture_changes", self.max_architecture_changes, zero=True)
         _positive_int("evaluation_window", self.evaluation_window)
         _positive_int("plateau_window", self.plateau_window)
-        _positive_int("analysis_every", self.analysis_every)
+        _positive_int("analysis_batches", self.analysis_batches)
         _positive_int("progressive_activation_epochs", self.progressive_activation_epochs,
                       zero=True)
         _fraction("performance_improvement_threshold", self.performance_improvement_threshold)
@@ -76,7 +77,8 @@ class DNMConfig:
                 raise ConfigError(f"unknown bottleneck metric {m!r}; valid: "
                                   f"{', '.join(BOTTLENECK_METRICS)}")
         object.__setattr__(self, "bottleneck_detection_metrics", tuple(metrics))
-        for name in ("rollback_enabled", "allow_deepen", "allow_connections"):
+        for name in ("rollback_enabled", "allow_deepen", "allow_connections",
+                     "trigger_on_bottleneck"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_parameters is not None:

@@ -15,9 +15,11 @@ class MorphogenesisTrigger:
 
     A check happens every ``morphogenesis_interval`` epochs. It fires when the change budget
     (``max_architecture_changes``) is not spent, no earlier change is still being evaluated,
-    and there is evidence: a plateau (the validation metric improved by less than
-    ``performance_improvement_threshold`` over the last ``plateau_window`` epochs) or a layer
-    that the analysis ranked as a bottleneck.
+    and the validation metric has reached a plateau (it improved by less than
+    ``performance_improvement_threshold`` over the last ``plateau_window`` epochs). The layers
+    the analysis ranked as bottlenecks are reported with it and decide where to change. With
+    ``trigger_on_bottleneck`` a bottleneck alone also triggers (bottleneck scores are relative
+    to the other layers, so some layer nearly always qualifies: use it with a small budget).
     """
 
     config: DNMConfig
@@ -51,8 +53,9 @@ class MorphogenesisTrigger:
         if epoch <= self.evaluating_until:
             return False, [f"the last change is evaluated until epoch {self.evaluating_until}"]
         stalled, text = self.plateau()
-        reasons = [f"plateau: {text}"] if stalled else []
-        reasons += [f"bottleneck: {b}" for b in bottlenecks]
-        if not reasons:
-            return False, [f"no plateau ({text}) and no bottleneck found"]
-        return True, reasons
+        evidence = [f"bottleneck: {b}" for b in bottlenecks]
+        if stalled:
+            return True, [f"plateau: {text}", *evidence]
+        if cfg.trigger_on_bottleneck and evidence:
+            return True, evidence
+        return False, [f"no plateau: {text}"]
