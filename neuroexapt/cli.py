@@ -1,8 +1,12 @@
-"""Command line: ``python -m neuroexapt.cli demo``.
+"""Command line: ``python -m neuroexapt.cli demo`` and ``edit-demo``.
 
-The demo trains a small CNN on scikit-learn's bundled 8x8 digits, then edits it while it
-trains: it widens, deepens, adds a skip connection (each checked to leave the outputs
-unchanged) and narrows (pruning), carrying the optimizer's state across every edit.
+``demo`` trains a small CNN on scikit-learn's bundled 8x8 digits with DNM on: the model grows
+where the analysis finds bottlenecks once validation accuracy stalls. It shows a progress bar,
+prints the morphogenesis events, the final accuracy and parameter count, and writes a run
+folder (events, TensorBoard logs, a PNG of accuracy and parameters per epoch).
+
+``edit-demo`` trains the same CNN, then widens, deepens, adds a skip connection (each checked
+to leave the outputs unchanged) and narrows it (pruning), carrying the optimizer's state.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((out.argmax(1) == y).float().mean())
 
 
-def demo(epochs: int, seed: int) -> int:
+def edit_demo(epochs: int, seed: int) -> int:
     """Run the edit demonstration; returns the process exit code."""
     torch.manual_seed(seed)
     x_tr, y_tr, x_te, y_te = _digits(seed)
@@ -119,16 +123,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neuroexapt`` command."""
     parser = argparse.ArgumentParser(prog="neuroexapt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="edit a CNN on the digits data set while it trains")
-    p_demo.add_argument("--epochs", type=int, default=6)
+    p_demo = sub.add_parser("demo", help="grow a CNN with DNM on the digits data set")
+    p_demo.add_argument("--epochs", type=int, default=30)
     p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--width", type=int, default=4, help="starting width of the CNN")
+    p_demo.add_argument("--out", default="runs/demo", help="run folder")
     p_demo.add_argument("--verbose", action="store_true", help="log every edit")
+    p_edit = sub.add_parser("edit-demo", help="edit a CNN on the digits data set")
+    p_edit.add_argument("--epochs", type=int, default=6)
+    p_edit.add_argument("--seed", type=int, default=0)
+    p_edit.add_argument("--verbose", action="store_true", help="log every edit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
-        return demo(args.epochs, args.seed)
-    return 2
+        from neuroexapt.train.demo import dnm_demo
+
+        return dnm_demo(args.epochs, args.seed, args.width, args.out)
+    return edit_demo(args.epochs, args.seed)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from neuroexapt.errors import ConfigError, NeuroExaptError
+from neuroexapt.graph import trace
 from neuroexapt.metrics.report import AnalysisReport, LayerAnalysis
 from neuroexapt.ops import EditRecord, add_skip, deepen, widen
 from neuroexapt.ops.edit import count_parameters
@@ -211,7 +212,7 @@ class DNMFramework:
         stats = self.report.stats.get(layer.name) if self.report is not None else None
         attempts.append(("neuron_division", lambda: (self.division.divide(
             self._model, layer.name, stats=stats, **kw), layer.name)))
-        if self.config.allow_deepen:
+        if self.config.allow_deepen and not self._is_output(layer.name):
             attempts.append(("layer_addition", lambda: (self.net2net.deeper(
                 self._model, layer.name, **kw), layer.name)))
         for kind, attempt in attempts:
@@ -232,6 +233,14 @@ class DNMFramework:
             self.events.add(event)
             return event
         return None
+
+    def _is_output(self, layer: str) -> bool:
+        """Whether ``layer`` computes the model's output (deepening there adds no capacity)."""
+        try:
+            group = trace(self._model, self.example_inputs).group_of(layer)
+        except NeuroExaptError:
+            return False
+        return any("model's output" in reason for reason in group.frozen)
 
     def _grow_connection(self) -> tuple[EditRecord, str] | None:
         assert self.report is not None

@@ -71,11 +71,11 @@ class DNMConfig:
         metrics = self.bottleneck_detection_metrics
         if isinstance(metrics, str) or not metrics:
             raise ConfigError("bottleneck_detection_metrics must be a non-empty list of names, "
-                              f"from {', '.join(BOTTLENECK_METRICS)}")
+                              f"from {', '.join(BOTTLENECK_METRICS)}; got {metrics!r}")
         for m in metrics:
             if m not in BOTTLENECK_METRICS:
-                raise ConfigError(f"unknown bottleneck metric {m!r}; valid: "
-                                  f"{', '.join(BOTTLENECK_METRICS)}")
+                raise ConfigError(f"bottleneck_detection_metrics has unknown metric {m!r}; "
+                                  f"valid: {', '.join(BOTTLENECK_METRICS)}")
         object.__setattr__(self, "bottleneck_detection_metrics", tuple(metrics))
         for name in ("rollback_enabled", "allow_deepen", "allow_connections",
                      "trigger_on_bottleneck"):
