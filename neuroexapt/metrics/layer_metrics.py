@@ -98,19 +98,29 @@ def unit_scores(stats: LayerStats, kind: str = "hybrid") -> torch.Tensor:
 def ablation_loss(
     model: nn.Module, layer: nn.Module, inputs: tuple[torch.Tensor, ...],
     targets: torch.Tensor, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-    units: torch.Tensor | None = None,
+    units: torch.Tensor | None = None, noise: float | None = None, seed: int = 0,
 ) -> float:
-    """Held-out loss with ``layer``'s output (or only ``units`` of it) replaced by its mean.
+    """Held-out loss with ``layer``'s output (or only ``units`` of it) ablated or perturbed.
 
-    The mean is over the batch (and positions), per unit; units are channels (dim 1) of 3+-D
-    outputs of convolutions, otherwise the last dim. The model is evaluated as it is (call it
-    in eval mode) under ``torch.no_grad()``.
+    Ablation (default) replaces each unit by its mean over the batch (and positions); with
+    ``noise=s`` the unit is perturbed instead by Gaussian noise of ``s`` times its standard
+    deviation (seeded). Units are channels (dim 1) of 3+-D outputs of convolutions, otherwise
+    the last dim. The model is evaluated as it is (call it in eval mode) under
+    ``torch.no_grad()``.
     """
+    if noise is not None and (isinstance(noise, bool) or not noise >= 0):
+        raise ConfigError(f"noise must be a number >= 0 or None, got {noise!r}")
+    gen = torch.Generator().manual_seed(seed)
 
     def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
         dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else out.dim() - 1
         reduce = [d for d in range(out.dim()) if d != dim]
-        mean = out.mean(dim=reduce, keepdim=True).expand_as(out)
+        if noise is None:
+            mean = out.mean(dim=reduce, keepdim=True).expand_as(out)
+        else:
+            std = out.std(dim=reduce, keepdim=True) if out.numel() > out.shape[dim] else 0.0
+            jitter = torch.randn(out.shape, generator=gen).to(out)
+            mean = out + noise * std * jitter
         if units is None:
             return mean
         mask_shape = [1] * out.dim()

@@ -333,3 +333,30 @@ def test_registered_metric_called_with_layer_outputs_and_targets(registry: dict)
     assert torch.equal(y2, torch.cat(ys))
     assert report["0"].metrics["importance"] == 0.25
     assert report["2"].metrics["importance"] == 0.5
+
+
+def test_ablation_loss_perturbation_mode() -> None:
+    """noise=0 is the clean loss; growing noise on an informative layer raises the loss."""
+    import torch.nn.functional as F
+
+    from neuroexapt.metrics import ablation_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        clean = float(F.cross_entropy(model(x), y))
+    assert ablation_loss(model, model[0], (x,), y, F.cross_entropy, noise=0.0) == \
+        pytest.approx(clean, abs=1e-6)
+    small = ablation_loss(model, model[0], (x,), y, F.cross_entropy, noise=0.1)
+    large = ablation_loss(model, model[0], (x,), y, F.cross_entropy, noise=2.0)
+    assert clean < large and small < large
+    with pytest.raises(ConfigError, match="noise"):
+        ablation_loss(model, model[0], (x,), y, F.cross_entropy, noise=-1.0)
