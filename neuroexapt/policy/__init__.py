@@ -3,6 +3,7 @@
 from neuroexapt.policy.analyzer import LayerPerformanceAnalyzer
 from neuroexapt.policy.config import DIVISION_STRATEGIES, DNMConfig
 from neuroexapt.policy.connections import ConnectionGrowthManager
+from neuroexapt.policy.criteria import Criteria
 from neuroexapt.policy.division import AdaptiveNeuronDivision
 from neuroexapt.policy.events import EventLog, MorphogenesisEvent
 from neuroexapt.policy.rollback import Snapshot
@@ -12,6 +13,7 @@ __all__ = [
     "DIVISION_STRATEGIES",
     "AdaptiveNeuronDivision",
     "ConnectionGrowthManager",
+    "Criteria",
     "DNMConfig",
     "EventLog",
     "LayerPerformanceAnalyzer",

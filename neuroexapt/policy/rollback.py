@@ -33,4 +33,7 @@ class Snapshot:
         model.__dict__.clear()
         model.__dict__.update(fresh.__dict__)  # every module's mode comes back with it
         if optimizer is not None and self.optimizer_state is not None:
-            load_named_state(model, optimizer, self.optimizer_state, reassign=True)
+            # a copy: load_state_dict keeps the given tensors, which the optimizer then
+            # updates in place
+            state = copy.deepcopy(self.optimizer_state)
+            load_named_state(model, optimizer, state, reassign=True)
