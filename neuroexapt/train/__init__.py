@@ -1,5 +1,6 @@
-"""Training loops and integrations: run logging sinks (TensorBoard, JSON lines, plots)."""
+"""Training loops and integrations: the information bottleneck, run logging sinks."""
 
+from neuroexapt.train.bottleneck import InformationBottleneck
 from neuroexapt.train.sinks import RunLogger
 
-__all__ = ["RunLogger"]
+__all__ = ["InformationBottleneck", "RunLogger"]
