@@ -215,16 +215,26 @@ class DNMFramework:
         if self.config.allow_deepen and not self._is_output(layer.name):
             attempts.append(("layer_addition", lambda: (self.net2net.deeper(
                 self._model, layer.name, **kw), layer.name)))
+        limit = self.config.max_parameters
         for kind, attempt in attempts:
             before = count_parameters(self._model)
-            if self.config.max_parameters is not None and before >= self.config.max_parameters:
+            if limit is not None and before >= limit:
                 return None
+            undo = Snapshot.take(self._model, self.optimizer) if limit is not None else None
+            pending, connected = list(self.division.pending), set(self.connections.connected)
             try:
                 done = attempt()
             except NeuroExaptError as e:
                 logger.info("%s at '%s' not possible: %s", kind, layer.name, e)
                 continue
             if done is None:
+                continue
+            if undo is not None and limit is not None and count_parameters(self._model) > limit:
+                undo.restore(self._model, self.optimizer)
+                self.division.pending[:] = pending
+                self.connections.connected = connected
+                logger.info("%s at '%s' would exceed max_parameters=%d; undone", kind,
+                            layer.name, limit)
                 continue
             record, where = done
             event = MorphogenesisEvent(epoch, kind, where, reasons, before,

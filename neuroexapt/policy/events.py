@@ -54,8 +54,14 @@ class EventLog:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.events: list[MorphogenesisEvent] = []
+        self._earlier = ""  # lines the file already held (an earlier run): kept on rewrites
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                self._earlier = self.path.read_text()
+                if self._earlier and not self._earlier.endswith("\n"):
+                    self._earlier += "\n"  # so that appended events start on their own line
+                    self.path.write_text(self._earlier)
 
     def add(self, event: MorphogenesisEvent) -> None:
         """Record ``event`` (written at once, one JSON object per line)."""
@@ -72,7 +78,8 @@ class EventLog:
                 e.metric_after = metric
                 changed = True
         if changed and self.path is not None:
-            self.path.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in self.events))
+            self.path.write_text(self._earlier + "".join(json.dumps(e.to_dict()) + "\n"
+                                                         for e in self.events))
 
     def _write(self, event: MorphogenesisEvent) -> None:
         if self.path is None:

@@ -15,9 +15,9 @@ class MorphogenesisTrigger:
 
     A check happens every ``morphogenesis_interval`` epochs. It fires when the change budget
     (``max_architecture_changes``) is not spent, no earlier change is still being evaluated,
-    and the validation metric has reached a plateau: the best value of the last
-    ``plateau_window`` epochs exceeds the best before them by less than
-    ``performance_improvement_threshold`` (the patience rule of early stopping). The layers
+    and the validation metric has reached a plateau: its last value exceeds the best of the
+    ``plateau_window`` values before it by less than ``performance_improvement_threshold``
+    (one epoch that does not beat the recent best is enough). The layers
     the analysis ranked as bottlenecks are reported with it and decide where to change. With
     ``trigger_on_bottleneck`` a bottleneck alone also triggers (bottleneck scores are relative
     to the other layers, so some layer nearly always qualifies: use it with a small budget).
@@ -37,11 +37,11 @@ class MorphogenesisTrigger:
         w = self.config.plateau_window
         if len(self.history) <= w:
             return False, f"only {len(self.history)} validation records, plateau needs {w + 1}"
-        recent, before = max(self.history[-w:]), max(self.history[:-w])
-        gain = recent - before
+        last, best = self.history[-1], max(self.history[-w - 1 : -1])
+        gain = last - best
         limit = self.config.performance_improvement_threshold
-        text = (f"validation improved by {gain:+.4f} over {w} epochs (best {recent:.4f} vs "
-                f"{before:.4f} before; threshold {limit})")
+        text = (f"validation improved by {gain:+.4f}: last {last:.4f} vs best {best:.4f} of "
+                f"the {w} epochs before (threshold {limit})")
         return gain < limit, text
 
     def check(self, epoch: int, bottlenecks: list[str]) -> tuple[bool, list[str]]:
