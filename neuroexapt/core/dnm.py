@@ -187,8 +187,8 @@ class DNMFramework:
             self.trigger.changes += len(new_events)
             self.trigger.evaluating_until = epoch + cfg.evaluation_window
             metric = self.trigger.history[-1] if self.trigger.history else None
-            if snapshot is not None:
-                self._snapshot = (snapshot, metric, epoch + cfg.evaluation_window)
+            if snapshot is not None:  # evaluated over the next evaluation_window records
+                self._snapshot = (snapshot, metric, self._epoch + cfg.evaluation_window)
             self.report = None  # measurements of the old architecture
         kinds = [e.kind for e in new_events]
         return {

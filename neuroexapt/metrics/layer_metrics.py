@@ -116,7 +116,7 @@ def ablation_loss(
         dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else out.dim() - 1
         reduce = [d for d in range(out.dim()) if d != dim]
         if noise is None:
-            mean = out.mean(dim=reduce, keepdim=True).expand_as(out)
+            mean = out.mean(dim=reduce, keepdim=True).expand_as(out).clone()  # in-place safe
         else:
             std = out.std(dim=reduce, keepdim=True) if out.numel() > out.shape[dim] else 0.0
             jitter = torch.randn(out.shape, generator=gen).to(out)

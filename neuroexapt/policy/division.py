@@ -86,8 +86,9 @@ class AdaptiveNeuronDivision:
             raise ConfigError("divide needs example_inputs= to trace the model")
         group = graph.group_of(layer)
         if group.normalizers:
-            raise SurgeryError(f"'{layer}' feeds {', '.join(group.normalizers)}, which "
-                               "normalise over its units: splitting a few would change the output")
+            names = ", ".join(repr(n) for n in group.normalizers)
+            raise SurgeryError(f"the units of '{layer}' are normalised together by {names}: "
+                               "splitting a few of them would change the output")
         units = self.choose(model, group, stats)
         plan = split_plan(group, units, "split", 0.0)
         record = widen(model, layer, len(units), units=units, example_inputs=example_inputs,

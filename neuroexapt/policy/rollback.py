@@ -28,7 +28,11 @@ class Snapshot:
         return cls(copy.deepcopy(model), state)
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        """Put ``model`` (the same object) and ``optimizer`` back as they were when taken."""
+        """Put ``model`` (the same object) and the optimizer's state back as when taken.
+
+        The optimizer's hyper-parameters (``lr`` and the like) keep their current values, so
+        a learning-rate schedule is not rewound by a rollback.
+        """
         fresh = copy.deepcopy(self.model)  # keep the snapshot reusable
         model.__dict__.clear()
         model.__dict__.update(fresh.__dict__)  # every module's mode comes back with it
@@ -36,4 +40,9 @@ class Snapshot:
             # a copy: load_state_dict keeps the given tensors, which the optimizer then
             # updates in place
             state = copy.deepcopy(self.optimizer_state)
+            # hyper-parameters (lr, momentum, ...) follow their schedule: keep the current ones
+            current = [{k: v for k, v in g.items() if k != "params"}
+                       for g in optimizer.param_groups]
             load_named_state(model, optimizer, state, reassign=True)
+            for group, hyper in zip(optimizer.param_groups, current, strict=True):
+                group.update(hyper)

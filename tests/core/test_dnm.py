@@ -457,3 +457,14 @@ def test_events_of_an_earlier_run_in_the_same_file_are_kept(data: dict[str, Data
     lines = path.read_text().splitlines()
     assert lines[0] == earlier and len(lines) == 2
     assert json.loads(lines[1])["metric_after"] == 0.52
+
+
+def test_update_caches_works_with_inplace_activations() -> None:
+    """Ablation hands the next layer a tensor it may modify in place (nn.ReLU(inplace=True))."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 3))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    dnm = DNMFramework(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       probe=(x, y))
+    report = dnm.update_caches()
+    assert report["0"].metrics["performance_sensitivity"] >= 0.0

@@ -158,3 +158,23 @@ def test_without_optimizer() -> None:
     widen(model, "features.0", 2, example_inputs=VGG_X)
     snapshot.restore(model, None)
     assert_model_restored(model, snap)
+
+
+def test_restore_keeps_the_current_learning_rate() -> None:
+    """A rollback restores weights and state, not the schedule's hyper-parameters."""
+    from neuroexapt.policy.rollback import Snapshot
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    snap = Snapshot.take(model, opt)
+    weight = model.weight.detach().clone()
+    opt.step()
+    sched.step()
+    snap.restore(model, opt)
+    assert torch.equal(model.weight, weight)
+    assert opt.param_groups[0]["lr"] == 0.05
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"], model.parameters(),
+                                      strict=True))
