@@ -18,70 +18,24 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import neuroexapt
 from neuroexapt.ops.transaction import model_outputs
+from neuroexapt.train.digits import DigitsCNN, accuracy, load_digits, train_epochs
 
 __all__ = ["main"]
-
-
-class DigitsCNN(nn.Module):
-    """A small VGG-style CNN for 1x8x8 digit images."""
-
-    def __init__(self, width: int = 8, classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(nn.Linear(2 * width * 16, 32), nn.ReLU(),
-                                        nn.Linear(32, classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
-
-
-def _digits(seed: int) -> tuple[torch.Tensor, ...]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
-    cut = int(0.8 * len(y))
-    return x[:cut], y[:cut], x[cut:], y[cut:]
-
-
-def _train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-           epochs: int, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    (out,) = model_outputs(model, (x,))
-    return float((out.argmax(1) == y).float().mean())
 
 
 def edit_demo(epochs: int, seed: int) -> int:
     """Run the edit demonstration; returns the process exit code."""
     torch.manual_seed(seed)
-    x_tr, y_tr, x_te, y_te = _digits(seed)
+    x_tr, y_tr, x_te, y_te = load_digits(seed)
     model = DigitsCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     start = time.perf_counter()
-    _train(model, opt, x_tr, y_tr, epochs, seed)
+    train_epochs(model, opt, x_tr, y_tr, epochs, seed)
     probe = x_te[:64]
-    print(f"trained {epochs} epochs: test accuracy {_accuracy(model, x_te, y_te):.3f}, "
+    print(f"trained {epochs} epochs: test accuracy {accuracy(model, x_te, y_te):.3f}, "
           f"{sum(p.numel() for p in model.parameters())} parameters")
     print(f"\n{'edit':<44} {'params':>14} {'max |dy| / scale':>17}  check")
     edits = [
@@ -110,10 +64,10 @@ def edit_demo(epochs: int, seed: int) -> int:
         print(f"{label:<44} {params:>14} {err:>17.2e}  {check}")
         if check == "FAILED":
             return 1
-    acc_edit = _accuracy(model, x_te, y_te)
-    _train(model, opt, x_tr, y_tr, max(1, epochs // 2), seed + 1)
+    acc_edit = accuracy(model, x_te, y_te)
+    train_epochs(model, opt, x_tr, y_tr, max(1, epochs // 2), seed + 1)
     print(f"\nafter the edits: test accuracy {acc_edit:.3f}; after {max(1, epochs // 2)} more "
-          f"epochs with the migrated optimizer: {_accuracy(model, x_te, y_te):.3f}")
+          f"epochs with the migrated optimizer: {accuracy(model, x_te, y_te):.3f}")
     print(f"edit history: {[r.op for r in neuroexapt.get_history(model)]}; "
           f"class still {type(model).__name__}; {time.perf_counter() - start:.1f} s")
     return 0

@@ -37,10 +37,10 @@ def dnm_demo(epochs: int, seed: int, width: int, out: str) -> int:
     """Train a small CNN on digits with DNM; returns the process exit code."""
     from tqdm import tqdm
 
-    from neuroexapt.cli import DigitsCNN, _accuracy, _digits, _train
+    from neuroexapt.train.digits import DigitsCNN, accuracy, load_digits, train_epochs
 
     torch.manual_seed(seed)
-    x_tr, y_tr, x_te, y_te = _digits(seed)
+    x_tr, y_tr, x_te, y_te = load_digits(seed)
     cut = int(0.85 * len(y_tr))  # validation: a held-out slice of the training split
     x_tr, y_tr, x_va, y_va = x_tr[:cut], y_tr[:cut], x_tr[cut:], y_tr[cut:]
     model = DigitsCNN(width=width)
@@ -55,8 +55,8 @@ def dnm_demo(epochs: int, seed: int, width: int, out: str) -> int:
           f"CNN of width {width} with {start_params} parameters; run folder {run}")
     bar = tqdm(range(1, epochs + 1), desc="epochs", unit="epoch")
     for epoch in bar:
-        _train(model, opt, x_tr, y_tr, 1, seed * 1000 + epoch)
-        val = _accuracy(model, x_va, y_va)
+        train_epochs(model, opt, x_tr, y_tr, 1, seed * 1000 + epoch)
+        val = accuracy(model, x_va, y_va)
         dnm.update_caches()
         dnm.record_performance(val)
         go, _ = dnm.should_trigger_morphogenesis(epoch, None, {"accuracy": val})
@@ -66,7 +66,7 @@ def dnm_demo(epochs: int, seed: int, width: int, out: str) -> int:
         sink.log(epoch, val_accuracy=val, parameters=count_parameters(model))
         bar.set_postfix(val=f"{val:.3f}", params=count_parameters(model))
     sink.close()
-    test = _accuracy(model, x_te, y_te)
+    test = accuracy(model, x_te, y_te)
     events = dnm.events.events
     by_epoch: dict[int, list[str]] = {}
     for e in events:

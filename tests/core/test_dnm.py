@@ -18,11 +18,11 @@ from helpers.asserts import (
 from helpers.zoo import ZOO
 from torch import nn
 
-from neuroexapt.cli import DigitsCNN, _digits
 from neuroexapt.core import DNMFramework, DNMNet2Net
 from neuroexapt.errors import ConfigError, SurgeryError
 from neuroexapt.ops import get_history
 from neuroexapt.policy.events import EVENT_KINDS
+from neuroexapt.train.digits import DigitsCNN, load_digits
 
 Data = tuple[torch.Tensor, torch.Tensor]
 DOCUMENTED_KEYS = {"neuron_divisions", "connections_added", "layers_added", "parameters_added",
@@ -36,7 +36,7 @@ EAGER = {"morphogenesis_interval": 1, "trigger_on_bottleneck": True}
 @pytest.fixture(scope="module")
 def data() -> dict[str, Data]:
     """Digits: 512 training images, a held-out probe slice of the training split, validation."""
-    x, y, x_val, y_val = _digits(0)
+    x, y, x_val, y_val = load_digits(0)
     return {"train": (x[:512], y[:512]), "probe": (x[-128:], y[-128:]),
             "val": (x_val[:200], y_val[:200])}
 

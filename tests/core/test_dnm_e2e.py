@@ -14,8 +14,8 @@ import statistics
 import pytest
 import torch
 
-from neuroexapt.cli import DigitsCNN, _accuracy, _digits, _train
 from neuroexapt.core import DNMFramework
+from neuroexapt.train.digits import DigitsCNN, accuracy, load_digits, train_epochs
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ def count(model: torch.nn.Module) -> int:
 
 
 def run(seed: int) -> dict[str, float]:
-    x, y, x_test, y_test = _digits(seed)
+    x, y, x_test, y_test = load_digits(seed)
     x_probe, y_probe = x[-PROBE:], y[-PROBE:]
     x, y = x[:-PROBE], y[:-PROBE]
     torch.manual_seed(seed)
@@ -55,16 +55,16 @@ def run(seed: int) -> dict[str, float]:
     dnm = DNMFramework(grown, CONFIG, optimizer=opt, probe=probe, seed=seed)
     for epoch in range(EPOCHS):
         order = 100 * seed + epoch  # the same batches in the same order for both models
-        _train(base, opt_base, x, y, 1, order)
-        _train(grown, opt, x, y, 1, order)
+        train_epochs(base, opt_base, x, y, 1, order)
+        train_epochs(grown, opt, x, y, 1, order)
         dnm.update_caches()
-        dnm.record_performance(_accuracy(grown, x_probe, y_probe))
+        dnm.record_performance(accuracy(grown, x_probe, y_probe))
         if dnm.should_trigger_morphogenesis(epoch + 1)[0]:
             dnm.execute_morphogenesis(epoch + 1)
     assert dnm.model is grown
     return {"params_base": count(base), "params_dnm": count(grown),
-            "acc_base": _accuracy(base, x_test, y_test),
-            "acc_dnm": _accuracy(grown, x_test, y_test),
+            "acc_base": accuracy(base, x_test, y_test),
+            "acc_dnm": accuracy(grown, x_test, y_test),
             "changes": sum(e.kind != "rollback" for e in dnm.events.events)}
 
 

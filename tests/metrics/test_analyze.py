@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import neuroexapt
-from neuroexapt.cli import DigitsCNN, _digits, _train
 from neuroexapt.errors import AnalysisError, ConfigError
 from neuroexapt.metrics import BOTTLENECK_METRICS, DEFAULT_THRESHOLDS, AnalysisReport
 from neuroexapt.metrics.estimators import hsic
+from neuroexapt.train.digits import DigitsCNN, load_digits, train_epochs
 
 CNN_LAYERS = {"features.0", "features.3", "classifier.0", "classifier.2"}
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -24,7 +24,7 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, ...]:
-    return _digits(0)
+    return load_digits(0)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def trained_cnn(digits: tuple[torch.Tensor, ...]) -> DigitsCNN:
     x_tr, y_tr, _, _ = digits
     torch.manual_seed(0)
     model = DigitsCNN()
-    _train(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), x_tr, y_tr, 3, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train_epochs(model, opt, x_tr, y_tr, 3, 0)
     return model.eval()
 
 
@@ -368,7 +369,7 @@ def digits_mlp(width: int, seed: int, digits: tuple[torch.Tensor, ...]) -> nn.Se
         nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, width), nn.Tanh(),
         nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 10),
     )
-    _train(model, torch.optim.Adam(model.parameters(), lr=0.01), x_tr, y_tr, 15, seed)
+    train_epochs(model, torch.optim.Adam(model.parameters(), lr=0.01), x_tr, y_tr, 15, seed)
     return model.eval()
 
 
