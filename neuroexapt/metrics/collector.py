@@ -85,8 +85,8 @@ class LayerStats:
     @torch.no_grad()
     def record(self, values: torch.Tensor, sampled: torch.Tensor, labels: torch.Tensor | None
                ) -> None:
-        """Fold in one call: ``values`` [N, P, D] (all positions), ``sampled`` [M, D]."""
-        self._ensure(values.shape[-1], values.device)
+        """Fold in one call: ``values`` [N, D, P] (all positions), ``sampled`` [M, D]."""
+        self._ensure(values.shape[1], values.device)
         self.batches += 1
         self.nonfinite.update(values)
         self.activation.update(sampled)
@@ -97,14 +97,14 @@ class LayerStats:
             self.saturated.update(hit.double().masked_fill(bad, torch.nan))
         if self.reservoir is not None:
             try:
-                self.reservoir.add(values.mean(1, dtype=torch.float32), labels)
+                self.reservoir.add(values.mean(2, dtype=torch.float32), labels)
             except ConfigError as e:
                 raise ConfigError(f"layer '{self.name}': {e}") from e
 
     @torch.no_grad()
     def record_gradient(self, values: torch.Tensor, sampled: torch.Tensor) -> None:
-        """Fold in the gradient w.r.t. one call's output: [N, P, D] and sampled [M, D]."""
-        self._ensure(values.shape[-1], values.device)
+        """Fold in the gradient w.r.t. one call's output: [N, D, P] and sampled [M, D]."""
+        self._ensure(values.shape[1], values.device)
         self.grad_batches += 1
         self.grad_nonfinite.update(values)
         self.gradient.update(sampled)
@@ -374,7 +374,7 @@ class ActivationCollector:
         with torch.no_grad():
             values = _units_view(out.detach(), unit_dim)
             labels = self._targets
-            if labels is not None and len(labels) != values.shape[0]:
+            if labels is not None and len(labels) != values.shape[0]:  # values: [N, D, P]
                 raise ConfigError(
                     f"set_targets got {len(labels)} targets but layer '{name}' has a batch of "
                     f"{values.shape[0]}; pass the targets of the batch given to the model"
@@ -392,17 +392,19 @@ class ActivationCollector:
             self.stats[name].record_gradient(values, self._sample(values))
 
     def _sample(self, values: torch.Tensor) -> torch.Tensor:
-        """Up to ``max_positions`` random positions per sample: [N, P, D] -> [N * k, D]."""
-        n, p, d = values.shape
+        """Up to ``max_positions`` random positions of every sample: [N, D, P] -> [N * k, D].
+
+        The positions are drawn once per call and shared by the batch's samples, so sampling
+        costs one small gather instead of a sort per sample.
+        """
+        _, d, p = values.shape
         k = self.max_positions
-        if p <= k:
-            return values.reshape(n * p, d)
-        gen = self._generators.get(values.device)
-        if gen is None:
-            gen = torch.Generator(device=values.device).manual_seed(self.seed)
-            self._generators[values.device] = gen
-        idx = torch.rand(n, p, generator=gen, device=values.device).topk(k, dim=1).indices
-        return values.gather(1, idx.unsqueeze(-1).expand(n, k, d)).reshape(n * k, d)
+        if p > k:
+            gen = self._generators.setdefault(values.device,
+                                              torch.Generator().manual_seed(self.seed))
+            idx = torch.randperm(p, generator=gen)[:k].to(values.device)
+            values = values.index_select(2, idx)
+        return values.transpose(1, 2).reshape(-1, d)
 
     def __repr__(self) -> str:
         return (
@@ -455,8 +457,13 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 
 
 def _units_view(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
-    """View ``t`` as [N, positions, units] with the units taken from ``unit_dim``."""
+    """``t`` as [N, units, positions] with the units taken from ``unit_dim`` (1 or -1).
+
+    Channels-first tensors are flattened without a copy; units on the last dim are viewed
+    through a transpose, so the full activation is never copied.
+    """
     if t.ndim == 1:
         t = t.unsqueeze(1)
-    t = t.movedim(unit_dim, -1)
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+    if unit_dim % t.ndim == 1:
+        return t.flatten(2) if t.ndim >= 3 else t.unsqueeze(2)
+    return t.reshape(t.shape[0], -1, t.shape[-1]).transpose(1, 2)

@@ -194,6 +194,8 @@ class NonFiniteCount:
         if self._counts.device != values.device:
             self._counts = self._counts.to(values.device)
         v = values.detach()
+        if bool(torch.isfinite(v.sum())):  # one pass: a finite sum means no NaN and no Inf
+            return
         self._counts += torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()])
 
     @property

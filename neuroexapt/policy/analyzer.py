@@ -65,9 +65,9 @@ def _fill(name: str, module: nn.Module, act: torch.Tensor, grad: torch.Tensor | 
           targets: torch.Tensor | None) -> LayerStats:
     stats = LayerStats(name, reservoir=512, seed=0, saturation=None)
     unit_dim = 1 if isinstance(module, CHANNELS_FIRST) or act.ndim >= 4 else -1
-    values = _units_view(act.detach(), unit_dim)
-    stats.record(values, values.reshape(-1, values.shape[-1]), targets)
+    values = _units_view(act.detach(), unit_dim)  # [N, D, P]
+    stats.record(values, values.transpose(1, 2).reshape(-1, values.shape[1]), targets)
     if grad is not None:
         g = _units_view(grad.detach(), unit_dim)
-        stats.record_gradient(g, g.reshape(-1, g.shape[-1]))
+        stats.record_gradient(g, g.transpose(1, 2).reshape(-1, g.shape[1]))
     return stats
