@@ -88,13 +88,15 @@ class LayerStats:
         """Fold in one call: ``values`` [N, D, P] (all positions), ``sampled`` [M, D]."""
         self._ensure(values.shape[1], values.device)
         self.batches += 1
-        self.nonfinite.update(values)
+        clean = self.nonfinite.update(values)
         self.activation.update(sampled)
-        bad = ~torch.isfinite(sampled)  # excluded from the fractions, as from the moments
-        self.dead.update((sampled <= 0).double().masked_fill(bad, torch.nan))
+        # non-finite values are left out of the fractions, as from the moments
+        bad = None if clean else ~torch.isfinite(sampled)
+        dead = (sampled <= 0).double()
+        self.dead.update(dead if bad is None else dead.masked_fill(bad, torch.nan))
         if self.saturated is not None:
-            hit = sampled.abs() >= self._saturation
-            self.saturated.update(hit.double().masked_fill(bad, torch.nan))
+            hit = (sampled.abs() >= self._saturation).double()
+            self.saturated.update(hit if bad is None else hit.masked_fill(bad, torch.nan))
         if self.reservoir is not None:
             try:
                 self.reservoir.add(values.mean(2, dtype=torch.float32), labels)

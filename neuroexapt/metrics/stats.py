@@ -96,10 +96,16 @@ class RunningMoments:
         if self._count.device != batch.device and not self._count.any():
             self._to(batch.device)  # follow the data while empty: no host sync per batch
         x = batch.detach().to(self._count.device, torch.float64)
-        finite = torch.isfinite(x)
-        n_b = finite.sum(0, dtype=torch.float64)
-        mean_b = torch.where(finite, x, 0.0).sum(0) / n_b.clamp(min=1.0)
-        m2_b = torch.where(finite, x - mean_b, 0.0).square().sum(0)
+        total = x.sum(0)
+        if bool(torch.isfinite(total).all()):  # no NaN/Inf: the plain formulas, no masks
+            n_b = torch.full_like(total, float(x.shape[0]))
+            mean_b = total / max(1, x.shape[0])
+            m2_b = (x - mean_b).square().sum(0)
+        else:
+            finite = torch.isfinite(x)
+            n_b = finite.sum(0, dtype=torch.float64)
+            mean_b = torch.where(finite, x, 0.0).sum(0) / n_b.clamp(min=1.0)
+            m2_b = torch.where(finite, x - mean_b, 0.0).square().sum(0)
         self._combine(n_b, mean_b, m2_b)
 
     @torch.no_grad()
@@ -189,14 +195,16 @@ class NonFiniteCount:
         self._counts = torch.zeros(2, dtype=torch.int64)  # [nan, inf]
 
     @torch.no_grad()
-    def update(self, values: torch.Tensor) -> None:
-        """Count the NaN and Inf entries of ``values`` (any shape)."""
+    def update(self, values: torch.Tensor) -> bool:
+        """Count the NaN and Inf entries of ``values`` (any shape); True when there are none."""
         if self._counts.device != values.device:
             self._counts = self._counts.to(values.device)
         v = values.detach()
         if bool(torch.isfinite(v.sum())):  # one pass: a finite sum means no NaN and no Inf
-            return
-        self._counts += torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()])
+            return True
+        counts = torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()])
+        self._counts += counts
+        return not bool(counts.any())
 
     @property
     def nan(self) -> int:
