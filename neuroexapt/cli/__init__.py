@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Sequence
 
@@ -91,11 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
-        from neuroexapt.train.demo import dnm_demo
+        from neuroexapt.cli.dnm_demo import dnm_demo
 
         return dnm_demo(args.epochs, args.seed, args.width, args.out)
     return edit_demo(args.epochs, args.seed)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The morphogenesis demo behind ``neuroexapt demo`` (the command line prints; this logs)."""
+"""The morphogenesis demo behind ``neuroexapt demo``."""
 
 from __future__ import annotations
 

@@ -1,0 +1,7 @@
+"""``python -m neuroexapt.cli``."""
+
+import sys
+
+from neuroexapt.cli import main
+
+sys.exit(main())
