@@ -52,7 +52,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import pstats
 import resource
 import statistics
@@ -86,6 +85,12 @@ try:
     from benchmarks.data import load_cifar10
 except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
     from data import load_cifar10  # type: ignore[no-redef]
+
+try:
+    from benchmarks.machine import machine
+except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
+    from machine import machine  # type: ignore[no-redef]
+
 
 OVERHEAD_TARGET = 0.05  # the issue: analysis adds at most 5% to an epoch's wall time
 EVERY = 10  # record every 10th forward pass
@@ -162,20 +167,6 @@ def wait_idle(deadline: float) -> float:
         if load <= OTHER_CORES_WARNING:
             break
     return load
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, core counts, torch and Python versions."""
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
 
 
 # --------------------------------------------------------------------------- training arms

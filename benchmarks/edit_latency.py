@@ -40,7 +40,6 @@ import gc
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -57,6 +56,12 @@ from torch import nn
 import neuroexapt
 
 Stem = Literal["cifar", "imagenet"]
+
+try:
+    from benchmarks.machine import machine
+except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
+    from machine import machine  # type: ignore[no-redef]
+
 
 LATENCY_TARGET_S = 1.0  # issue 2: each edit under 1 s on 2 CPU cores
 MEMORY_TARGET_X = 2.0  # issue 2: peak extra memory under 2x the model's size
@@ -291,20 +296,6 @@ def measure(name: str, stem: Stem, size: int, repeats: int, threads: int) -> dic
 
 
 # --------------------------------------------------------------------------- report
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, core counts, torch and Python versions."""
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
 
 
 def verdict(row: dict[str, Any]) -> str:
