@@ -31,6 +31,7 @@ from neuroexapt.ops import (
     save,
     widen,
 )
+from neuroexapt.train.facade import NeuroExapt
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -41,6 +42,7 @@ __all__ = [
     "EditRecord",
     "ElementwiseHandler",
     "ModelGraph",
+    "NeuroExapt",
     "PerUnitHandler",
     "ProducerHandler",
     "__version__",

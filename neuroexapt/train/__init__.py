@@ -1,6 +1,8 @@
-"""Training loops and integrations: the information bottleneck, run logging sinks."""
+"""Training loops and integrations: the NeuroExapt facade, the information bottleneck, run
+logging sinks."""
 
 from neuroexapt.train.bottleneck import InformationBottleneck
+from neuroexapt.train.facade import NeuroExapt
 from neuroexapt.train.sinks import RunLogger
 
-__all__ = ["InformationBottleneck", "RunLogger"]
+__all__ = ["InformationBottleneck", "NeuroExapt", "RunLogger"]

@@ -1,0 +1,327 @@
+"""``neuroexapt.NeuroExapt``: the information-theoretic API of the second design document.
+
+A thin facade over the analysis engine (:func:`neuroexapt.analyze`), the criteria language
+(:class:`neuroexapt.policy.Criteria`) and the edits (:mod:`neuroexapt.ops`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuroexapt.errors import ConfigError, NeuroExaptError
+from neuroexapt.graph import trace
+from neuroexapt.metrics.analyze import analyze
+from neuroexapt.metrics.estimators import unit_entropy
+from neuroexapt.metrics.formulas import StructuralEntropy, output_kl, psi
+from neuroexapt.metrics.layer_metrics import unit_scores
+from neuroexapt.metrics.report import AnalysisReport
+from neuroexapt.ops import EditRecord, deepen, narrow
+from neuroexapt.ops.edit import count_parameters
+from neuroexapt.policy.connections import ConnectionGrowthManager
+from neuroexapt.policy.criteria import Criteria
+from neuroexapt.policy.division import AdaptiveNeuronDivision
+from neuroexapt.train.sinks import RunLogger
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EXPAND_METHODS", "MONITOR_METRICS", "NeuroExapt"]
+
+MONITOR_METRICS: tuple[str, ...] = ("entropy", "mi_gain", "struct_complexity")
+EXPAND_METHODS: tuple[str, ...] = ("mutate", "split", "deepen", "skip")
+Batch = tuple[Any, torch.Tensor]
+
+
+class NeuroExapt:
+    """Measures a model's information flow and prunes or expands it from the measurements.
+
+    Args:
+        task_type: ``"classification"`` or ``"regression"`` (loss, estimators and psi follow).
+        depth: network depth in the redundancy formula (default: the number of Conv and
+            Linear layers of the wrapped model).
+        entropy_weight: beta of the structural entropy balance: how much a change of the
+            model's output distribution raises structural entropy.
+        lam: lambda of the redundancy formula.
+
+    Example:
+        >>> ne = NeuroExapt(task_type="classification", depth=18, entropy_weight=0.5)
+        >>> model = ne.wrap_model(model)
+        >>> ne.measure(val_loader)
+        >>> ne.prune_layers(criteria="entropy<0.2", optimizer=opt)
+    """
+
+    def __init__(self, task_type: str = "classification", depth: int | None = None,
+                 entropy_weight: float = 0.5, *, lam: float = 0.05) -> None:
+        psi(task_type)  # validates the task type
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
+                                  or depth < 1):
+            raise ConfigError(f"depth must be a positive int or None, got {depth!r}")
+        if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, int | float) \
+                or not math.isfinite(entropy_weight) or entropy_weight < 0:
+            raise ConfigError(f"entropy_weight must be a number >= 0, got {entropy_weight!r}")
+        self.task_type, self.depth, self.lam = task_type, depth, float(lam)
+        self.structure = StructuralEntropy(alpha=1.0, beta=float(entropy_weight))
+        self.model: nn.Module | None = None
+        self.report: AnalysisReport | None = None
+        self.history: dict[str, list[float]] = {}
+        self._importance: Callable[[torch.Tensor, torch.Tensor], float] | None = None
+        self._sink: RunLogger | None = None
+        self._probe: list[Batch] | None = None
+        self._steps = 0
+        self._pending_kl = 0.0  # KL(p_old || p_new) of edits since the last measurement
+
+    # ------------------------------------------------------------------ set-up
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Attach ``model`` (returned unchanged: same object, class, forward and state)."""
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"wrap_model expects an nn.Module, got {type(model).__name__}")
+        self.model = model
+        if self.depth is None:
+            self.depth = max(1, sum(isinstance(m, nn.Linear | nn.modules.conv._ConvNd)
+                                    for m in model.modules()))
+        return model
+
+    def set_importance_metric(self, fn: Callable[[torch.Tensor, torch.Tensor], float]) -> None:
+        """Use ``fn(layer_output [N, D], target_output) -> score`` as layer importance."""
+        if not callable(fn):
+            raise ConfigError(f"set_importance_metric expects a callable, got {fn!r}")
+        self._importance = fn
+
+    def monitor(self, metrics: Sequence[str] = MONITOR_METRICS,
+                log_dir: str | None = None) -> dict[str, list[float]]:
+        """Record ``metrics`` at every :meth:`measure`; returns the (live) history.
+
+        ``entropy``: mean unit entropy over the layers (nats); ``mi_gain``: change of the total
+        information the layers keep about the target since the last measurement;
+        ``struct_complexity``: the structural entropy S of the balance formula. With
+        ``log_dir``, TensorBoard scalars and ``history.jsonl`` are written there.
+        """
+        unknown = [m for m in metrics if m not in MONITOR_METRICS]
+        if unknown or not metrics:
+            raise ConfigError(f"unknown monitor metric {unknown[0] if unknown else None!r}; "
+                              f"valid: {', '.join(MONITOR_METRICS)}")
+        self.history = {m: [] for m in metrics}
+        self._sink = RunLogger(log_dir) if log_dir is not None else None
+        return self.history
+
+    # ------------------------------------------------------------------ measurements
+    def measure(self, data: Iterable[Batch], batches: int = 4) -> AnalysisReport:
+        """Analyse the wrapped model on ``batches`` batches of ``data``."""
+        model = self._require_model()
+        self._probe = list(_take(data, batches))
+        if not self._probe:
+            raise ConfigError("measure got no batch; pass (inputs, targets) batches")
+        previous = self.report
+        self.report = analyze(model, self._probe, batches=len(self._probe),
+                              task_type=self.task_type, importance=self._importance)
+        self._record(previous)
+        return self.report
+
+    def _record(self, previous: AnalysisReport | None) -> None:
+        assert self.report is not None
+        info = [x.metrics.get("information", 0.0) for x in self.report.layers]
+        before = [x.metrics.get("information", 0.0) for x in previous.layers] if previous else []
+        measured = [s for s in self.report.stats.values() if s.batches]
+        entropies = [float(unit_entropy(s.samples()[0]).mean()) for s in measured
+                     if s.samples()[0].shape[0] > 1]
+        self.structure.step(info, kl=self._pending_kl)
+        self._pending_kl = 0.0
+        values = {"entropy": sum(entropies) / len(entropies) if entropies else 0.0,
+                  "mi_gain": sum(info) - sum(before) if previous else 0.0,
+                  "struct_complexity": self.structure.value}
+        self._steps += 1
+        for key in self.history:
+            self.history[key].append(values[key])
+        if self._sink is not None:
+            self._sink.log(self._steps, **{k: values[k] for k in self.history})
+
+    def layer_values(self, layer: str) -> dict[str, Any]:
+        """Metric values of ``layer`` for criteria: per-unit tensors and per-layer floats."""
+        report = self._require_report()
+        stats = report.stats.get(layer)
+        if stats is None or not stats.batches:
+            raise ConfigError(f"layer '{layer}' was not measured; measured: {report.order}")
+        x, _ = stats.samples()
+        scores = unit_scores(stats, "hybrid") if stats.grad_batches else unit_scores(
+            stats, "activation")
+        metrics = report[layer].metrics
+        h_o = report.label_entropy or 0.0
+        info = metrics.get("information", 0.0)
+        budget = h_o * math.exp(-self.lam * (self.depth or 1))
+        values: dict[str, Any] = {
+            "entropy": unit_entropy(x).float(),
+            "importance": (scores / scores.max().clamp(min=1e-30)).float(),
+            "mutual_information": info,
+            "information": info,
+            "information_lost": metrics.get("information_lost", 0.0),
+            "redundancy": 1.0 - info / budget if budget > 0 else 0.0,
+            "sensitivity": metrics.get("performance_sensitivity", 0.0),
+            "gradient_variance": metrics.get("gradient_variance", 0.0),
+            "rank_ratio": metrics.get("rank_ratio", 0.0),
+            "dead_fraction": stats.dead_fraction.float(),
+        }
+        return values
+
+    # ------------------------------------------------------------------ structure
+    def prune_layers(self, criteria: str = "entropy<0.2", *, data: Iterable[Batch] | None = None,
+                     optimizer: torch.optim.Optimizer | None = None) -> list[EditRecord]:
+        """Remove, for real, the units that ``criteria`` selects in every measured layer.
+
+        Per-unit metrics: ``entropy`` (nats), ``importance`` (0..1), ``dead_fraction``;
+        per-layer: ``mutual_information``, ``redundancy``, ``sensitivity``,
+        ``information_lost``, ``gradient_variance``, ``rank_ratio``. A layer whose every unit
+        is selected keeps its most important unit; layers whose units cannot be resized (the
+        output) are skipped with the reason logged. The model is measured again afterwards.
+        """
+        rule = Criteria.parse(criteria)
+        if data is not None:
+            self.measure(data)
+        report, model = self._require_report(), self._require_model()
+        inputs = self._inputs()
+        before = self._outputs()
+        records = []
+        for layer in report.order:
+            if not report.stats[layer].batches:
+                continue
+            values = self.layer_values(layer)
+            chosen = _selected(rule, values)
+            if not chosen:
+                continue
+            if len(chosen) == len(values["entropy"]):
+                keep = int(values["importance"].argmax())
+                chosen = [u for u in chosen if u != keep]
+            try:
+                records.append(narrow(model, layer, remove=chosen, example_inputs=inputs,
+                                      optimizer=optimizer))
+            except NeuroExaptError as e:
+                logger.info("prune '%s' skipped: %s", layer, e)
+        if records:
+            self._pending_kl += self._kl_since(before)
+            self.measure(self._probe or [])
+        return records
+
+    def expand_layers(self, method: str = "mutate", num_layers: int = 2, *,
+                      data: Iterable[Batch] | None = None,
+                      optimizer: torch.optim.Optimizer | None = None) -> list[EditRecord]:
+        """Grow ``num_layers`` layers where the analysis finds the worst bottlenecks.
+
+        ``"split"`` widens a layer (Net2Net), ``"deepen"`` inserts an identity layer after it,
+        ``"skip"`` adds a connection around a layer that loses information, ``"mutate"``
+        chooses per layer: a skip where information is lost, else a split, else deepening.
+        Every change preserves the function. Fewer than ``num_layers`` changes are made when
+        not enough layers allow one; the reasons are logged.
+        """
+        if method not in EXPAND_METHODS:
+            raise ConfigError(f"unknown method {method!r}; valid: {', '.join(EXPAND_METHODS)}")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ConfigError(f"num_layers must be a positive int, got {num_layers!r}")
+        if data is not None:
+            self.measure(data)
+        report, model = self._require_report(), self._require_model()
+        inputs, kw = self._inputs(), {"optimizer": optimizer}
+        records: list[EditRecord] = []
+        connections, division = ConnectionGrowthManager(), AdaptiveNeuronDivision(
+            "hybrid", noise_scale=0.0)
+        for entry in sorted(report.layers, key=lambda x: -x.score):
+            if len(records) >= num_layers:
+                break
+            tries = _tries(method, entry.metrics.get("information_lost", 0.0) > 0)
+            for kind in tries:
+                try:
+                    if kind == "skip":
+                        done = connections.grow(model, report, report.order,
+                                                example_inputs=inputs, **kw)
+                        if done is None:
+                            continue
+                        records.append(done[0])
+                    elif kind == "split":
+                        records.append(division.divide(model, entry.name,
+                                                       stats=report.stats.get(entry.name),
+                                                       example_inputs=inputs, **kw))
+                    elif _is_output(model, entry.name, inputs):
+                        continue
+                    else:
+                        records.append(deepen(model, entry.name, example_inputs=inputs,
+                                              verify=True, **kw))
+                    break
+                except NeuroExaptError as e:
+                    logger.info("%s at '%s' not possible: %s", kind, entry.name, e)
+        if len(records) < num_layers:
+            logger.warning("expand_layers made %d of %d changes: the other measured layers "
+                           "allow none (output layers, frozen groups)", len(records), num_layers)
+        if records:
+            self.measure(self._probe or [])
+        return records
+
+    # ------------------------------------------------------------------ helpers
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise ConfigError("call ne.wrap_model(model) first")
+        return self.model
+
+    def _require_report(self) -> AnalysisReport:
+        if self.report is None:
+            raise ConfigError("nothing measured yet: call ne.measure(loader) or pass data=")
+        return self.report
+
+    def _outputs(self) -> torch.Tensor | None:
+        """The model's eval-mode outputs on the probe's first batch (classification only)."""
+        if self.task_type != "classification" or not self._probe:
+            return None
+        model = self._require_model()
+        x = self._probe[0][0]
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            with torch.no_grad():
+                return model(*((x,) if isinstance(x, torch.Tensor) else tuple(x)))
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+
+    def _kl_since(self, before: torch.Tensor | None) -> float:
+        after = self._outputs()
+        return output_kl(before, after) if before is not None and after is not None else 0.0
+
+    def _inputs(self) -> Any:
+        assert self._probe
+        x = self._probe[0][0]
+        return x[:8] if isinstance(x, torch.Tensor) else tuple(t[:8] for t in x)
+
+    def parameters_count(self) -> int:
+        """Parameters of the wrapped model."""
+        return count_parameters(self._require_model())
+
+
+def _take(data: Iterable[Batch], n: int) -> Iterable[Batch]:
+    for i, batch in enumerate(data):
+        if i >= n:
+            break
+        yield batch
+
+
+def _selected(rule: Criteria, values: dict[str, Any]) -> list[int]:
+    result = rule.evaluate(values)
+    units = len(values["entropy"])
+    if isinstance(result, torch.Tensor):
+        return result.nonzero().flatten().tolist()
+    return list(range(units)) if result else []
+
+
+def _tries(method: str, lossy: bool) -> list[str]:
+    if method != "mutate":
+        return [method]
+    return ["skip", "split", "deepen"] if lossy else ["split", "deepen"]
+
+
+def _is_output(model: nn.Module, layer: str, inputs: Any) -> bool:
+    try:
+        group = trace(model, inputs).group_of(layer)
+    except NeuroExaptError:
+        return False
+    return any("model's output" in r for r in group.frozen)
