@@ -32,6 +32,7 @@ from neuroexapt.ops import (
     widen,
 )
 from neuroexapt.train.facade import NeuroExapt
+from neuroexapt.train.trainer import Trainer
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -45,6 +46,7 @@ __all__ = [
     "NeuroExapt",
     "PerUnitHandler",
     "ProducerHandler",
+    "Trainer",
     "__version__",
     "add_skip",
     "analyze",

@@ -4,5 +4,6 @@ logging sinks."""
 from neuroexapt.train.bottleneck import InformationBottleneck
 from neuroexapt.train.facade import NeuroExapt
 from neuroexapt.train.sinks import RunLogger
+from neuroexapt.train.trainer import Trainer
 
-__all__ = ["InformationBottleneck", "NeuroExapt", "RunLogger"]
+__all__ = ["InformationBottleneck", "NeuroExapt", "RunLogger", "Trainer"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -30,9 +31,11 @@ from neuroexapt.train.sinks import RunLogger
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXPAND_METHODS", "MONITOR_METRICS", "NeuroExapt"]
+__all__ = ["EXPAND_METHODS", "MONITOR_METRICS", "NeuroExapt", "facade_of"]
 
 MONITOR_METRICS: tuple[str, ...] = ("entropy", "mi_gain", "struct_complexity")
+# models wrapped by a NeuroExapt, so that a Trainer finds the facade of its model
+_WRAPPED: weakref.WeakKeyDictionary[nn.Module, NeuroExapt] = weakref.WeakKeyDictionary()
 EXPAND_METHODS: tuple[str, ...] = ("mutate", "split", "deepen", "skip")
 Batch = tuple[Any, torch.Tensor]
 
@@ -81,6 +84,7 @@ class NeuroExapt:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"wrap_model expects an nn.Module, got {type(model).__name__}")
         self.model = model
+        _WRAPPED[model] = self
         if self.depth is None:
             self.depth = max(1, sum(isinstance(m, nn.Linear | nn.modules.conv._ConvNd)
                                     for m in model.modules()))
@@ -325,3 +329,8 @@ def _is_output(model: nn.Module, layer: str, inputs: Any) -> bool:
     except NeuroExaptError:
         return False
     return any("model's output" in r for r in group.frozen)
+
+
+def facade_of(model: nn.Module) -> NeuroExapt | None:
+    """The NeuroExapt that wrapped ``model``, if any."""
+    return _WRAPPED.get(model)

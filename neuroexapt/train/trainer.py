@@ -1,0 +1,303 @@
+"""``neuroexapt.Trainer``: training with the information bottleneck and structural evolution.
+
+Each epoch trains with ``loss + info_weight * sum_units 0.5 log(1 + mu^2 / sigma^2)`` (the
+variational information-bottleneck gates of :class:`InformationBottleneck` on every hidden
+Conv/Linear layer), validates, keeps the best checkpoint and, every ``evolve_every`` epochs,
+evolves the structure:
+
+* **adaptive entropy threshold**: ``threshold_t = entropy_threshold * min(1, t / ramp) *
+  feedback``; the ramp (half of the epochs) lets gates learn before anything is removed; the
+  feedback halves after a rolled-back change and recovers by 25% after each kept one;
+* **pruning**: the units whose gate passes less than ``threshold_t`` nats are removed for real
+  (``narrow``), at most ``max_prune_fraction`` of a layer at a time and never its last unit;
+* **expansion** (``expand=True``): where the analysis finds information lost, the facade's
+  ``expand_layers`` grows the network (function-preserving);
+* **rollback**: if the validation metric then drops by more than ``rollback_threshold``, the
+  model and its optimizer are restored exactly.
+
+The gates' ``mu`` are folded into the layers before every change and at the end of ``fit``, so
+the model returned computes what the gated model computes in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroexapt.errors import AnalysisError, ConfigError, NeuroExaptError
+from neuroexapt.graph import trace
+from neuroexapt.ops import narrow, save
+from neuroexapt.ops.edit import count_parameters
+from neuroexapt.policy.rollback import Snapshot
+from neuroexapt.train.bottleneck import InformationBottleneck
+from neuroexapt.train.facade import NeuroExapt, facade_of
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Trainer"]
+
+Batch = tuple[Any, torch.Tensor]
+
+
+class Trainer:
+    """Trains a model while the information bottleneck prunes (and optionally grows) it.
+
+    Args:
+        model: the model (wrapped by ``NeuroExapt.wrap_model`` or not).
+        info_weight: weight of the information-bottleneck regulariser.
+        entropy_threshold: nats; units passing less information than the (adapted) threshold
+            are pruned.
+        optimizer: optimizer of the model's parameters (default Adam with ``lr``); its state
+            follows every change.
+        lr: learning rate of the default optimizers (model and gates).
+        scheduler: ``fn(optimizer) -> LRScheduler`` stepped once per epoch.
+        device: where to train (default: the model's device).
+        loss_fn: default cross-entropy (classification) or MSE (regression).
+        evolve_every: epochs between structural changes.
+        expand: also grow where information is lost.
+        max_prune_fraction: largest share of a layer's units removed in one change.
+        rollback_threshold: validation drop that rolls a change back.
+        checkpoint_dir: where ``best.pt`` (neuroexapt.save format) is written.
+        progress: show a tqdm progress bar when tqdm is installed.
+    """
+
+    def __init__(
+        self, model: nn.Module, info_weight: float = 0.1, entropy_threshold: float = 0.3, *,
+        optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        device: str | torch.device | None = None,
+        loss_fn: Callable[..., torch.Tensor] | None = None, evolve_every: int = 1,
+        expand: bool = False, max_prune_fraction: float = 0.25,
+        rollback_threshold: float = 0.05, checkpoint_dir: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+        for name, value in (("info_weight", info_weight), ("entropy_threshold",
+                                                           entropy_threshold), ("lr", lr)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        if isinstance(evolve_every, bool) or not isinstance(evolve_every, int) or \
+                evolve_every < 1:
+            raise ConfigError(f"evolve_every must be a positive int, got {evolve_every!r}")
+        if not 0 < max_prune_fraction <= 1:
+            raise ConfigError(f"max_prune_fraction must be in (0, 1], got {max_prune_fraction}")
+        self.model = model
+        self.ne = facade_of(model) or (NeuroExapt().wrap_model(model) and facade_of(model))
+        assert self.ne is not None
+        self.info_weight, self.entropy_threshold, self.lr = info_weight, entropy_threshold, lr
+        self.device = torch.device(device) if device is not None else next(
+            iter(model.parameters()), torch.empty(0)).device
+        self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+        self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
+        classification = self.ne.task_type == "classification"
+        self.loss_fn = loss_fn or (F.cross_entropy if classification else F.mse_loss)
+        self.evolve_every, self.expand = evolve_every, expand
+        self.max_prune_fraction, self.rollback_threshold = max_prune_fraction, rollback_threshold
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.progress = progress
+        self.feedback = 1.0
+        self.ib: InformationBottleneck | None = None
+        self._gate_opt: torch.optim.Optimizer | None = None
+        self.history: dict[str, list[float]] = {
+            k: [] for k in ("train_loss", "val_loss", "val_metric", "parameters", "threshold",
+                            "pruned_units")}
+
+    # ------------------------------------------------------------------ gates
+    def _gate(self, example: Any) -> None:
+        """New gates on every hidden Conv/Linear layer (not the output)."""
+        graph = trace(self.model, example)
+        names = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear | nn.modules.conv._ConvNd) and \
+                    len(graph.calls.get(name, [])) == 1:
+                try:
+                    if graph.group_of(name).resizable:
+                        names.append(name)
+                except NeuroExaptError:
+                    continue
+        if not names:
+            raise ConfigError("the model has no hidden Conv/Linear layer the Trainer can gate")
+        self.ib = InformationBottleneck(self.model, names, self.info_weight)
+        self._gate_opt = torch.optim.Adam(self.ib.parameters(), lr=max(self.lr, 1e-2))
+
+    def _absorb(self) -> None:
+        if self.ib is not None:
+            self.ib.absorb()
+            self.ib = None
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, train_loader: Iterable[Batch], val_loader: Iterable[Batch],
+            epochs: int) -> dict[str, list[float]]:
+        """Train for ``epochs``; returns the per-epoch history."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs must be a positive int, got {epochs!r}")
+        val = [(_to(x, self.device), y.to(self.device)) for x, y in val_loader]
+        if not val:
+            raise AnalysisError("val_loader yielded no batch; pass a loader with data")
+        self._gate(_head(val[0][0]))
+        best, pending = -math.inf, None
+        bar = _bar(range(1, epochs + 1), self.progress)
+        for epoch in bar:
+            train_loss = self._train_epoch(train_loader)
+            val_loss, metric = self._validate(val)
+            pending = self._maybe_rollback(pending, metric, val)
+            if metric > best and self.checkpoint_dir is not None:
+                best = metric
+                self._checkpoint()
+            pruned = 0
+            if epoch % self.evolve_every == 0 and epoch < epochs:
+                pending, pruned = self._evolve(epoch, epochs, val, metric)
+            self._log(train_loss, val_loss, metric, epoch, epochs, pruned)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(val=f"{metric:.4f}", params=count_parameters(self.model))
+        self._absorb()
+        return self.history
+
+    def _train_epoch(self, loader: Iterable[Batch]) -> float:
+        assert self.ib is not None and self._gate_opt is not None
+        self.model.train()
+        total, batches = 0.0, 0
+        for x, y in loader:
+            x, y = _to(x, self.device), y.to(self.device)
+            self.optimizer.zero_grad()
+            self._gate_opt.zero_grad()
+            loss = self.loss_fn(self.model(*_args(x)), y)
+            if not torch.isfinite(loss):
+                raise AnalysisError("the training loss is NaN or infinite; lower the learning "
+                                    "rate or check the inputs")
+            (loss + self.ib.regularizer()).backward()
+            self.optimizer.step()
+            self._gate_opt.step()
+            total, batches = total + float(loss.detach()), batches + 1
+        if batches == 0:
+            raise AnalysisError("train_loader yielded no batch; pass a loader with data")
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return total / batches
+
+    @torch.no_grad()
+    def _validate(self, val: list[Batch]) -> tuple[float, float]:
+        self.model.eval()
+        loss = hits = count = 0.0
+        for x, y in val:
+            out = self.model(*_args(x))
+            loss += float(self.loss_fn(out, y)) * len(y)
+            count += len(y)
+            if self.ne.task_type == "classification":
+                hits += float((out.argmax(1) == y).sum())
+        mean = loss / count
+        return mean, (hits / count if self.ne.task_type == "classification" else -mean)
+
+    # ------------------------------------------------------------------ structure
+    def threshold(self, epoch: int, epochs: int) -> float:
+        """The adaptive entropy threshold at ``epoch`` (see the module docstring)."""
+        ramp = max(1.0, epochs / 2)
+        return self.entropy_threshold * min(1.0, epoch / ramp) * self.feedback
+
+    def _evolve(self, epoch: int, epochs: int, val: list[Batch], metric: float
+                ) -> tuple[tuple[Snapshot, float] | None, int]:
+        assert self.ib is not None
+        limit = self.threshold(epoch, epochs)
+        chosen = {}
+        info = self.ib.unit_information()
+        for layer, units in self.ib.prunable(max(limit, 1e-9)).items():
+            cap = int(self.max_prune_fraction * info[layer].numel())
+            if units and cap:
+                order = sorted(units, key=lambda u: float(info[layer][u]))
+                chosen[layer] = order[: min(cap, info[layer].numel() - 1)]
+        chosen = {k: v for k, v in chosen.items() if v}
+        if not chosen and not self.expand:
+            return None, 0
+        self._absorb()
+        snapshot = Snapshot.take(self.model, self.optimizer)
+        example = _head(val[0][0])
+        removed = 0
+        for layer, units in chosen.items():
+            try:
+                narrow(self.model, layer, remove=units, example_inputs=example,
+                       optimizer=self.optimizer)
+                removed += len(units)
+                logger.info("epoch %d: pruned %d units of '%s' (gate information < %.3f nats)",
+                            epoch, len(units), layer, limit)
+            except NeuroExaptError as e:
+                logger.info("epoch %d: pruning '%s' skipped: %s", epoch, layer, e)
+        if self.expand:
+            try:
+                self.ne.measure(val)
+                self.ne.expand_layers(num_layers=1, optimizer=self.optimizer)
+            except NeuroExaptError as e:
+                logger.info("epoch %d: expansion skipped: %s", epoch, e)
+        self._gate(example)
+        return (snapshot, metric), removed
+
+    def _maybe_rollback(self, pending: tuple[Snapshot, float] | None, metric: float,
+                        val: list[Batch]) -> None:
+        if pending is None:
+            return None
+        snapshot, before = pending
+        if before - metric > self.rollback_threshold:
+            self._absorb()
+            snapshot.restore(self.model, self.optimizer)
+            self.feedback *= 0.5
+            logger.info("validation fell from %.4f to %.4f: the last change is rolled back",
+                        before, metric)
+            self._gate(_head(val[0][0]))
+        else:
+            self.feedback = min(1.0, self.feedback * 1.25)
+        return None
+
+    def _checkpoint(self) -> None:
+        assert self.checkpoint_dir is not None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        plain = copy.deepcopy(self.model)
+        if self.ib is not None:  # fold the gates' eval-mode scale into the copy
+            with torch.no_grad():
+                for name, mu in zip(self.ib.layers, self.ib.mu.values(), strict=True):
+                    module = plain.get_submodule(name)
+                    module.weight.mul_(mu.view(-1, *[1] * (module.weight.ndim - 1)))
+                    if module.bias is not None:
+                        module.bias.mul_(mu)
+            plain._forward_hooks.clear()
+            for module in plain.modules():
+                module._forward_hooks.clear()
+        save(plain, self.checkpoint_dir / "best.pt")
+
+    def _log(self, train_loss: float, val_loss: float, metric: float, epoch: int,
+             epochs: int, pruned: int) -> None:
+        row = {"train_loss": train_loss, "val_loss": val_loss, "val_metric": metric,
+               "parameters": float(count_parameters(self.model)),
+               "threshold": self.threshold(epoch, epochs), "pruned_units": float(pruned)}
+        for key, value in row.items():
+            self.history[key].append(value)
+
+
+def _args(x: Any) -> tuple[Any, ...]:
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    return x.to(device) if isinstance(x, torch.Tensor) else tuple(t.to(device) for t in x)
+
+
+def _head(x: Any) -> Any:
+    return x[:8] if isinstance(x, torch.Tensor) else tuple(t[:8] for t in x)
+
+
+def _bar(epochs: range, progress: bool) -> Iterable[int]:
+    if not progress:
+        return epochs
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return epochs
+    return tqdm(epochs, desc="epochs", unit="epoch")
