@@ -1,8 +1,9 @@
 """``neuroexapt.Trainer``: training with the information bottleneck and structural evolution.
 
-Each epoch trains with ``loss + info_weight * sum_units 0.5 log(1 + mu^2 / sigma^2)`` (the
+Each epoch trains with ``loss + info_weight * mean_units 0.5 log(1 + mu^2 / sigma^2)`` (the
 variational information-bottleneck gates of :class:`InformationBottleneck` on every hidden
-Conv/Linear layer), validates, keeps the best checkpoint and, every ``evolve_every`` epochs,
+Conv/Linear layer; the mean over all gated units keeps ``info_weight`` meaningful whatever
+the model's size), validates, keeps the best checkpoint and, every ``evolve_every`` epochs,
 evolves the structure:
 
 * **adaptive entropy threshold**: ``threshold_t = entropy_threshold * min(1, t / ramp) *
@@ -127,7 +128,9 @@ class Trainer:
                     continue
         if not names:
             raise ConfigError("the model has no hidden Conv/Linear layer the Trainer can gate")
-        self.ib = InformationBottleneck(self.model, names, self.info_weight)
+        units = sum(_units(self.model.get_submodule(n)) for n in names)
+        # info_weight prices the mean information per gated unit, whatever the model's size
+        self.ib = InformationBottleneck(self.model, names, self.info_weight / max(1, units))
         self._gate_opt = torch.optim.Adam(self.ib.parameters(), lr=max(self.lr, 1e-2))
 
     def _absorb(self) -> None:
@@ -279,6 +282,10 @@ class Trainer:
                "threshold": self.threshold(epoch, epochs), "pruned_units": float(pruned)}
         for key, value in row.items():
             self.history[key].append(value)
+
+
+def _units(module: nn.Module) -> int:
+    return int(getattr(module, "out_features", getattr(module, "out_channels", 1)))
 
 
 def _args(x: Any) -> tuple[Any, ...]:

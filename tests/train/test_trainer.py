@@ -28,7 +28,7 @@ def fit(data: dict[str, list], epochs: int = 10, **kwargs: object
     torch.manual_seed(0)
     ne = neuroexapt.NeuroExapt(task_type="classification", depth=4, entropy_weight=0.5)
     model = ne.wrap_model(DigitsCNN(width=16))
-    options = {"info_weight": 0.001, "entropy_threshold": 0.3, "lr": 3e-3, "progress": False}
+    options = {"info_weight": 0.1, "entropy_threshold": 0.3, "lr": 3e-3, "progress": False}
     options.update(kwargs)
     trainer = neuroexapt.Trainer(model=model, **options)  # type: ignore[arg-type]
     return model, trainer.fit(data["train"], data["val"], epochs=epochs), trainer
