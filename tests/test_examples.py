@@ -183,3 +183,10 @@ def test_dnm_advanced_config_prints_events_and_config(example, capsys) -> None:
     assert "events:" in printed and "kind" in printed
     shown = json.loads(printed.split("configuration (dnm.config.to_dict()):\n")[1])
     assert shown == adv.advanced_config("activation_based")
+
+
+def test_neuroexapt_quickstart_runs(example, capsys) -> None:
+    module = example("neuroexapt_quickstart")
+    assert module.main(["--epochs", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "test accuracy" in out
