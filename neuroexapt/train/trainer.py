@@ -144,6 +144,7 @@ class Trainer:
         """Train for ``epochs``; returns the per-epoch history."""
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs must be a positive int, got {epochs!r}")
+        self.model.to(self.device)
         val = [(_to(x, self.device), y.to(self.device)) for x, y in val_loader]
         if not val:
             raise AnalysisError("val_loader yielded no batch; pass a loader with data")
