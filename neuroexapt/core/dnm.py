@@ -246,11 +246,7 @@ class DNMFramework:
 
     def _is_output(self, layer: str) -> bool:
         """Whether ``layer`` computes the model's output (deepening there adds no capacity)."""
-        try:
-            group = trace(self._model, self.example_inputs).group_of(layer)
-        except NeuroExaptError:
-            return False
-        return any("model's output" in reason for reason in group.frozen)
+        return trace(self._model, self.example_inputs).produces_output(layer)
 
     def _grow_connection(self) -> tuple[EditRecord, str] | None:
         assert self.report is not None

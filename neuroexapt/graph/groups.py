@@ -82,6 +82,7 @@ class Group:
     normalizers: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     frozen_modules: list[str] = field(default_factory=list)
+    output: bool = False  # the units are (or are tied to) the model's output
 
     @property
     def resizable(self) -> bool:
@@ -156,6 +157,7 @@ class GroupBuilder:
         ga.normalizers.extend(gb.normalizers)
         ga.frozen.extend(gb.frozen)
         ga.frozen_modules.extend(gb.frozen_modules)
+        ga.output = ga.output or gb.output
         return ra
 
     def add_member(self, gid: int, member: Member) -> None:
@@ -199,12 +201,24 @@ class GroupBuilder:
         group.frozen.append(f"split into the parts of a concatenation at {where}")
 
     def freeze(self, gid: int, reason: str, module: str | None = None) -> None:
-        """Forbid resizing group ``gid`` for ``reason``."""
-        group = self.get(gid)
+        """Forbid resizing group ``gid`` (or every piece of it, if it was split) for ``reason``."""
+        root = self.find(gid)
+        if root in self.refined and "split into the parts" not in reason:
+            for piece, _ in self._pieces(root):
+                self.freeze(piece, reason, module)
+        group = self._groups[root]
         if reason not in group.frozen:
             group.frozen.append(reason)
         if module is not None and module not in group.frozen_modules:
             group.frozen_modules.append(module)
+
+    def mark_output(self, gid: int) -> None:
+        """The units of ``gid`` are the model's output: never resized."""
+        self.freeze(gid, "it is the model's output")
+        root = self.find(gid)
+        targets = [p for p, _ in self._pieces(root)] if root in self.refined else [root]
+        for target in targets:
+            self.get(target).output = True
 
     def constrain(self, gid: int, segments: int, normalizer: str | None = None) -> None:
         """Require the units of ``gid`` to stay in ``segments`` equal segments."""

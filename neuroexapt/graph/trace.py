@@ -106,6 +106,13 @@ class ModelGraph:
         assert seg.gid is not None
         return self.groups[seg.gid]
 
+    def produces_output(self, layer: str) -> bool:
+        """Whether the units of ``layer`` are (tied to) the model's output."""
+        try:
+            return self.group_of(layer).output
+        except (TraceError, UnsupportedModuleError):
+            return False
+
     def describe(self) -> str:
         """A human-readable table of the groups."""
         lines = [f"{'id':>3}  {'size':>5}  {'state':<10}  producers / reason"]
@@ -205,7 +212,9 @@ def _build(model: nn.Module, graph: fx.Graph) -> ModelGraph:
         elif node.op in ("call_function", "call_method"):
             ctx.layouts[node] = apply_rule(ctx, node)
         elif node.op == "output":
-            ctx.freeze(ctx.layouts_in(node.args), "it is the model's output")
+            for lay in ctx.layouts_in(node.args):
+                for gid in lay.gids:
+                    ctx.groups.mark_output(gid)
     _couple_shared_tensors(ctx)
     refined = dict(ctx.groups.refined)
     groups, mapping = ctx.groups.finish()

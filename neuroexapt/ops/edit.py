@@ -38,7 +38,7 @@ def require_resizable(group: Group, layer: str) -> None:
             f"cannot resize the units of '{layer}': {reasons}. Register a handler for that "
             "layer type with neuroexapt.register_handler(...)"
         )
-    if any("model's output" in r for r in group.frozen):
+    if group.output:
         raise SurgeryError(
             f"cannot resize the units of '{layer}': they are (or are tied to) the model's "
             f"output, whose size is fixed by the task ({reasons}); edit an inner layer instead"

@@ -247,7 +247,7 @@ class NeuroExapt:
                         records.append(division.divide(model, entry.name,
                                                        stats=report.stats.get(entry.name),
                                                        example_inputs=inputs, **kw))
-                    elif _is_output(model, entry.name, inputs):
+                    elif trace(model, inputs).produces_output(entry.name):
                         continue
                     else:
                         records.append(deepen(model, entry.name, example_inputs=inputs,
@@ -323,12 +323,6 @@ def _tries(method: str, lossy: bool) -> list[str]:
     return ["skip", "split", "deepen"] if lossy else ["split", "deepen"]
 
 
-def _is_output(model: nn.Module, layer: str, inputs: Any) -> bool:
-    try:
-        group = trace(model, inputs).group_of(layer)
-    except NeuroExaptError:
-        return False
-    return any("model's output" in r for r in group.frozen)
 
 
 def facade_of(model: nn.Module) -> NeuroExapt | None:

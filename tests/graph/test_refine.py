@@ -62,3 +62,26 @@ def test_the_fixed_input_part_is_never_resized() -> None:
     assert all(m.offset >= 1 for m in c1_rows)  # channel 0 mirrors the raw input
     with pytest.raises((SurgeryError, TraceError)):
         neuroexapt.narrow(model, "bn", remove=[0], example_inputs=x)
+
+
+class SplitGroupAtOutput(nn.Module):
+    """The split group reaches the model's output: every piece of it must stay frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Linear(3, 2)
+        self.c1 = nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([x, self.c0(x)], 1)
+        return self.c1(h) + h
+
+
+def test_freezing_a_split_group_freezes_its_pieces() -> None:
+    model, x = SplitGroupAtOutput().eval(), torch.randn(4, 3)
+    graph = neuroexapt.trace(model, x)
+    group = graph.group_of("c0")
+    assert group.output and not group.resizable
+    assert graph.produces_output("c0")
+    with pytest.raises(SurgeryError, match="model's output"):
+        neuroexapt.widen(model, "c0", 1, example_inputs=x)
