@@ -22,7 +22,7 @@ from neuroexapt.metrics.estimators import unit_entropy
 from neuroexapt.metrics.formulas import StructuralEntropy, output_kl, psi
 from neuroexapt.metrics.layer_metrics import unit_scores
 from neuroexapt.metrics.report import AnalysisReport
-from neuroexapt.ops import EditRecord, deepen, narrow
+from neuroexapt.ops import EditRecord, deepen, narrow, unit_norms
 from neuroexapt.ops.edit import count_parameters
 from neuroexapt.policy.connections import ConnectionGrowthManager
 from neuroexapt.policy.criteria import Criteria
@@ -169,6 +169,12 @@ class NeuroExapt:
             "rank_ratio": metrics.get("rank_ratio", 0.0),
             "dead_fraction": stats.dead_fraction.float(),
         }
+        try:  # incoming weight norm of each unit (summed over tied producers)
+            group = trace(self._require_model(), self._inputs()).group_of(layer)
+            if group.size == len(values["entropy"]):
+                values["norm"] = unit_norms(self._require_model(), group).sqrt().float()
+        except NeuroExaptError as e:
+            logger.debug("no unit norms for '%s': %s", layer, e)
         return values
 
     # ------------------------------------------------------------------ structure
