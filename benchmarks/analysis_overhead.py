@@ -17,7 +17,11 @@ for one epoch over the same ``--train-subset`` CIFAR-10 images in the same order
   that end-of-epoch computation.
 
 The arms alternate, AB then BA, for ``--repeats`` pairs (the order flips so that a slow drift
-of the machine's speed does not favour one arm), after an untimed warm-up of each. Reported:
+of the machine's speed does not favour one arm), after an untimed warm-up of each. With
+``--schedule lockstep`` the two arms of a pair instead alternate batch by batch, each
+arm's epoch time being the sum of its own batch times (plus, for the analysed arm, the
+collector's set-up and the end-of-epoch metrics), so that drifts over seconds to minutes
+cancel within the pair. Reported:
 each arm's median epoch time, the overhead ``median(analysed) / median(plain) - 1``, each
 pair's ratio, and a breakdown of the extra time from per-batch timers (hooks on the batches
 that are not recorded, the recorded batches, the end-of-epoch metrics). With ``--profile``
@@ -32,6 +36,7 @@ Usage::
 
     .venv/bin/python benchmarks/analysis_overhead.py --data-dir DIR
     .venv/bin/python benchmarks/analysis_overhead.py --data-dir DIR --repeats 5 --json out.json
+    .venv/bin/python benchmarks/analysis_overhead.py --data-dir DIR --schedule lockstep
 
 Wall times on a shared machine are only meaningful when other processes leave the cores
 idle; the script measures how many cores other processes kept busy during each epoch
@@ -179,26 +184,39 @@ def epoch_order(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data,
+               idx: torch.Tensor, collector: ActivationCollector | None) -> tuple[float, float]:
+    """One SGD step on the samples ``idx`` of ``data``: wall seconds and loss."""
+    t0 = time.perf_counter()
+    xb, yb = data[0][idx], data[1][idx]
+    if collector is not None:
+        collector.set_targets(yb)
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(xb), yb)
+    loss.backward()
+    optimizer.step()
+    value = loss.item()
+    return time.perf_counter() - t0, value
+
+
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data,
                order: torch.Tensor, batch_size: int,
                collector: ActivationCollector | None) -> tuple[list[float], list[float]]:
     """One pass over ``data`` in ``order``: per-batch wall seconds and losses."""
-    x, y = data
     times, losses = [], []
     model.train()
     for start in range(0, len(order), batch_size):
-        t0 = time.perf_counter()
-        idx = order[start:start + batch_size]
-        xb, yb = x[idx], y[idx]
-        if collector is not None:
-            collector.set_targets(yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        times.append(time.perf_counter() - t0)
+        dt, loss = train_step(model, optimizer, data, order[start:start + batch_size], collector)
+        times.append(dt)
+        losses.append(loss)
     return times, losses
+
+
+def fresh(base: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A deep copy of ``base`` and its SGD(momentum) optimizer."""
+    model = copy.deepcopy(base)
+    return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
+                                  weight_decay=WEIGHT_DECAY)
 
 
 def end_of_epoch(collector: ActivationCollector) -> tuple[dict[str, dict[str, float]],
@@ -225,12 +243,19 @@ def end_of_epoch(collector: ActivationCollector) -> tuple[dict[str, dict[str, fl
     return results, seconds
 
 
+def _arm_result(arm: str, epoch_s: float, times: list[float], losses: list[float],
+                analysis_s: float, metric_s: dict[str, float],
+                metrics: dict[str, dict[str, float]], other_cores: float) -> dict[str, Any]:
+    return {"arm": arm, "epoch_s": epoch_s, "loop_s": sum(times), "analysis_s": analysis_s,
+            "metric_s": metric_s, "batch_s": times, "losses": losses,
+            "mean_loss": statistics.fmean(losses), "final_loss": statistics.fmean(losses[-10:]),
+            "other_cores": other_cores, "metrics": metrics}
+
+
 def run_arm(arm: str, base: nn.Module, data: Data, order: torch.Tensor, batch_size: int,
             every: int) -> dict[str, Any]:
     """One epoch of ``arm`` (``"plain"`` or ``"analysed"``) on a fresh copy of ``base``."""
-    model = copy.deepcopy(base)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY)
+    model, optimizer = fresh(base)
     gc.collect()
     meter = LoadMeter()
     start = time.perf_counter()
@@ -247,11 +272,49 @@ def run_arm(arm: str, base: nn.Module, data: Data, order: torch.Tensor, batch_si
         metrics, metric_s = end_of_epoch(collector)
         analysis_s = time.perf_counter() - t_end
     wall = time.perf_counter() - start
-    return {"arm": arm, "epoch_s": wall, "loop_s": sum(times), "analysis_s": analysis_s,
-            "metric_s": metric_s, "batch_s": times, "losses": losses,
-            "mean_loss": statistics.fmean(losses), "final_loss": statistics.fmean(losses[-10:]),
-            "other_cores": meter.stop(),
-            "metrics": metrics}
+    return _arm_result(arm, wall, times, losses, analysis_s, metric_s, metrics, meter.stop())
+
+
+def run_lockstep(base: nn.Module, data: Data, order: torch.Tensor, batch_size: int,
+                 every: int) -> dict[str, dict[str, Any]]:
+    """Both arms' epochs in one pass, alternating batch by batch (AB, then BA, ...).
+
+    Each arm's epoch time is the sum of its own batch times; the analysed arm adds the
+    collector's set-up and removal and the end-of-epoch metrics. Slow drifts of the machine's
+    speed then hit both arms alike.
+    """
+    (plain, opt_a), (analysed, opt_b) = fresh(base), fresh(base)
+    plain.train()
+    analysed.train()
+    gc.collect()
+    meter = LoadMeter()
+    times: dict[str, list[float]] = {"plain": [], "analysed": []}
+    losses: dict[str, list[float]] = {"plain": [], "analysed": []}
+    t0 = time.perf_counter()
+    collector = ActivationCollector(analysed, every=every)
+    with collector:
+        setup_s = time.perf_counter() - t0
+        steps = {"plain": (plain, opt_a, None), "analysed": (analysed, opt_b, collector)}
+        for i, start in enumerate(range(0, len(order), batch_size)):
+            idx = order[start:start + batch_size]
+            for arm in ("plain", "analysed") if i % 2 == 0 else ("analysed", "plain"):
+                model, optimizer, hooks = steps[arm]
+                dt, loss = train_step(model, optimizer, data, idx, hooks)
+                times[arm].append(dt)
+                losses[arm].append(loss)
+        t_exit = time.perf_counter()
+    t_end = time.perf_counter()
+    metrics, metric_s = end_of_epoch(collector)
+    analysis_s = time.perf_counter() - t_end
+    load = meter.stop()
+    outside = setup_s + (t_end - t_exit)
+    return {
+        "plain": _arm_result("plain", sum(times["plain"]), times["plain"], losses["plain"], 0.0,
+                             {}, {}, load),
+        "analysed": _arm_result("analysed", outside + sum(times["analysed"]) + analysis_s,
+                                times["analysed"], losses["analysed"], analysis_s, metric_s,
+                                metrics, load),
+    }
 
 
 def breakdown(plain: dict[str, Any], analysed: dict[str, Any], every: int) -> dict[str, float]:
@@ -335,18 +398,25 @@ def profile_analysed(base: nn.Module, data: Data, order: torch.Tensor, batch_siz
 
 
 def run_pair(r: int, base: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, Any]:
-    """Pair ``r``: both arms on the epoch order seeded ``seed + r``, AB if r is even, else BA."""
+    """Pair ``r``: both arms on the epoch order seeded ``seed + r``; with ``--schedule epochs``
+    one epoch after the other, AB if r is even, else BA; with ``lockstep`` batch by batch."""
     order = epoch_order(len(data[1]), args.seed + r)
-    arms = ("plain", "analysed") if r % 2 == 0 else ("analysed", "plain")
-    runs = {arm: run_arm(arm, base, data, order, args.batch_size, args.every) for arm in arms}
+    if args.schedule == "lockstep":
+        runs, label = run_lockstep(base, data, order, args.batch_size, args.every), "lockstep"
+    else:
+        arms = ("plain", "analysed") if r % 2 == 0 else ("analysed", "plain")
+        runs = {arm: run_arm(arm, base, data, order, args.batch_size, args.every)
+                for arm in arms}
+        label = "".join("AB"[arm == "analysed"] for arm in arms)
     a, b = runs["plain"], runs["analysed"]
-    return {"repeat": r, "order": "".join("AB"[arm == "analysed"] for arm in arms),
+    return {"repeat": r, "order": label,
             "plain": a, "analysed": b, "ratio": b["epoch_s"] / a["epoch_s"],
             "same_losses": a["losses"] == b["losses"], "breakdown": breakdown(a, b, args.every)}
 
 
-def overhead(args: argparse.Namespace, data: Data) -> dict[str, Any]:
-    """The side-by-side training comparison."""
+def overhead(args: argparse.Namespace, data: Data,
+             checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The side-by-side training comparison; ``checkpoint`` gets the pairs after each one."""
     torch.manual_seed(args.seed)
     base = VGGSmall()
     warm_up(base, data, args.batch_size, args.warmup_batches, args.every)
@@ -367,6 +437,8 @@ def overhead(args: argparse.Namespace, data: Data) -> dict[str, Any]:
               f"{pair['same_losses']}"
               + ("; disturbed, discarded and rerun" if disturbed else ""), flush=True)
         (discarded if disturbed else pairs).append(pair)
+        if checkpoint is not None:
+            checkpoint({"pairs": pairs, "discarded_pairs": discarded})
     med_a = statistics.median(p["plain"]["epoch_s"] for p in pairs)
     med_b = statistics.median(p["analysed"]["epoch_s"] for p in pairs)
     over = med_b / med_a - 1
@@ -523,6 +595,14 @@ def estimator_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def save_json(path: str, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` (through a temporary file, so a kill leaves the old one)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -533,6 +613,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--every", type=int, default=EVERY, help="record every n-th forward pass")
     p.add_argument("--repeats", type=int, default=3, help="pairs of epochs (one per arm)")
+    p.add_argument("--schedule", choices=("epochs", "lockstep"), default="epochs",
+                   help="epochs: whole epochs alternate (AB, BA, ...); lockstep: the two arms "
+                        "alternate batch by batch within each pair")
     p.add_argument("--warmup-batches", type=int, default=10, help="untimed batches per arm")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
@@ -571,7 +654,11 @@ def main(argv: list[str] | None = None) -> int:
         x, y, _, _ = load_cifar10(args.data_dir, subset=args.train_subset, seed=args.seed)
         print(f"training on {len(y)} CIFAR-10 images, batch {args.batch_size}, every "
               f"{args.every}", flush=True)
-        result = overhead(args, (x, y))
+        def checkpoint(partial: dict[str, Any]) -> None:
+            if args.json:  # progress survives an interrupted run
+                save_json(args.json, {**out, "overhead_partial": partial})
+
+        result = overhead(args, (x, y), checkpoint)
         out["overhead"] = result
         s = result["summary"]
         print(overhead_table(result))
@@ -603,8 +690,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{OTHER_CORES_WARNING} cores during an estimator block; times are disturbed")
     out["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1, default=str)
+        save_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
 

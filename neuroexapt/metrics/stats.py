@@ -189,7 +189,11 @@ class RunningMoments:
 
 
 class NonFiniteCount:
-    """Counts of NaN and Inf values, kept on the data's device so that updates never sync."""
+    """Counts of NaN and Inf values, kept on the data's device.
+
+    An update checks the finiteness of one sum (one host synchronisation on a GPU) and counts
+    NaN and Inf element by element only when that check fails.
+    """
 
     def __init__(self) -> None:
         self._counts = torch.zeros(2, dtype=torch.int64)  # [nan, inf]
