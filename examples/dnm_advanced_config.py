@@ -27,6 +27,7 @@ from _data import load_digits
 from torch import nn
 
 from neuroexapt.core import DNMFramework, MorphogenesisEvent
+from neuroexapt.train.digits import DigitsCNN
 
 logger = logging.getLogger("dnm_advanced_config")
 
@@ -88,23 +89,6 @@ def advanced_config(strategy: str = "hybrid") -> dict[str, Any]:
         "trigger_on_bottleneck": False,
     }
     return {**document, **implementation}
-
-
-class DigitsCNN(nn.Module):
-    """Two conv-BN-ReLU layers, a max-pool and a two-layer classifier for 1x8x8 images."""
-
-    def __init__(self, width: int = 8, classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(nn.Linear(2 * width * 16, 32), nn.ReLU(),
-                                        nn.Linear(32, classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

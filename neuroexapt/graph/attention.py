@@ -20,7 +20,7 @@ from neuroexapt.errors import SurgeryError
 from neuroexapt.graph.context import BuildContext, NodeLayout
 from neuroexapt.graph.groups import Member
 from neuroexapt.graph.handlers import ModuleHandler
-from neuroexapt.graph.plan import TensorUpdate, UnitPlan
+from neuroexapt.graph.plan import TensorUpdate, UnitPlan, along, take_index
 from neuroexapt.optim.parammap import DimMap
 
 __all__ = ["MultiheadAttentionHandler"]
@@ -114,25 +114,14 @@ def _head_map(heads: int, old: int, new: int, score: torch.Tensor) -> torch.Tens
     return torch.cat(parts)
 
 
-def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """index_select with -1 giving zeros."""
-    out = t.index_select(dim, index.clamp(min=0).to(t.device))
-    mask_shape = [1] * t.dim()
-    mask_shape[dim] = index.numel()
-    keep = (index >= 0).to(device=t.device, dtype=t.dtype).view(mask_shape)
-    return out * keep
-
-
 def _scale(t: torch.Tensor, dim: int, scale: torch.Tensor) -> torch.Tensor:
-    shape = [1] * t.dim()
-    shape[dim] = scale.numel()
-    return t * scale.to(device=t.device, dtype=t.dtype).view(shape)
+    return t * along(t, dim, scale)
 
 
 def _rows(
     t: torch.Tensor, attr: str, rows: torch.Tensor, scale: torch.Tensor | None, dim: int = 0
 ) -> TensorUpdate:
-    new = _take(t.detach(), dim, rows)
+    new = take_index(t.detach(), dim, rows)
     if scale is not None:
         new = _scale(new, dim, scale)
     return TensorUpdate(attr, new, (DimMap(dim, rows, scale),))
@@ -142,9 +131,9 @@ def _in_proj(
     weight: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor, plan: UnitPlan,
     fill_k: bool,
 ) -> TensorUpdate:
-    w = _scale(_take(weight.detach(), 0, rows), 0, row_scale)
+    w = _scale(take_index(weight.detach(), 0, rows), 0, row_scale)
     cols = torch.where(plan.fresh, -1, plan.index)
-    w = _scale(_take(w, 1, cols), 1, plan.scale)
+    w = _scale(take_index(w, 1, cols), 1, plan.scale)
     third = rows.numel() // 3
     fresh_rows = (rows < 0).nonzero().flatten()
     k_fresh = fresh_rows[fresh_rows >= third]  # new key and value rows start random
@@ -157,9 +146,9 @@ def _in_proj(
 
 
 def _out_proj(out_proj: nn.Linear, v_map: torch.Tensor, plan: UnitPlan) -> list[TensorUpdate]:
-    w = _take(out_proj.weight.detach(), 1, v_map)
+    w = take_index(out_proj.weight.detach(), 1, v_map)
     rows = torch.where(plan.fresh, -1, plan.index)
-    w = _take(w, 0, rows)
+    w = take_index(w, 0, rows)
     fresh = plan.fresh.nonzero().flatten().to(w.device)
     if fresh.numel():  # fresh output units get random incoming weights
         std = out_proj.weight.detach().std().item() or 1.0

@@ -8,7 +8,7 @@ import torch
 
 from neuroexapt.optim.parammap import DimMap
 
-__all__ = ["TensorUpdate", "UnitPlan"]
+__all__ = ["TensorUpdate", "UnitPlan", "along", "take_index"]
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,16 @@ class TensorUpdate:
     attr: str
     value: torch.Tensor
     dims: tuple[DimMap, ...]
+
+
+def take_index(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, index)`` where index ``-1`` gives zeros (a fresh position)."""
+    out = t.index_select(dim, index.clamp(min=0).to(t.device))
+    return out * along(out, dim, (index >= 0).to(t.dtype))
+
+
+def along(t: torch.Tensor, dim: int, values: torch.Tensor) -> torch.Tensor:
+    """``values`` [t.shape[dim]] shaped to broadcast against ``t`` along ``dim``."""
+    shape = [1] * t.dim()
+    shape[dim] = values.numel()
+    return values.to(device=t.device, dtype=t.dtype).view(shape)

@@ -11,7 +11,7 @@ from torch import nn
 from neuroexapt.errors import SurgeryError
 from neuroexapt.graph.groups import Group, Member
 from neuroexapt.graph.handlers import get_handler
-from neuroexapt.graph.plan import TensorUpdate, UnitPlan
+from neuroexapt.graph.plan import TensorUpdate, UnitPlan, along, take_index
 from neuroexapt.optim.parammap import DimMap, ParamChange, ParamMap
 
 __all__ = ["apply_plan", "member_index"]
@@ -43,19 +43,6 @@ def _member_scale(member: Member, size: int, old_units: int, plan: UnitPlan) -> 
     ])
 
 
-def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    out = t.index_select(dim, index.clamp(min=0).to(t.device))
-    shape = [1] * t.dim()
-    shape[dim] = index.numel()
-    return out * (index >= 0).to(device=t.device, dtype=t.dtype).view(shape)
-
-
-def _along(t: torch.Tensor, dim: int, values: torch.Tensor) -> torch.Tensor:
-    shape = [1] * t.dim()
-    shape[dim] = values.numel()
-    return values.to(device=t.device, dtype=t.dtype).view(shape)
-
-
 def _transform(p: _Pending, m: Member, old_units: int, plan: UnitPlan) -> None:
     """Rewrite ``p.value`` along ``m.dim`` for ``plan``."""
     t, dim = p.value, m.dim
@@ -63,11 +50,11 @@ def _transform(p: _Pending, m: Member, old_units: int, plan: UnitPlan) -> None:
     if m.offset + old_units * m.block > size:
         raise SurgeryError(f"'{m.path}' has {size} entries on dim {dim}, fewer than the group")
     index = member_index(m, size, old_units, plan)
-    new = _take(t, dim, index)
+    new = take_index(t, dim, index)
     scale = None
     if m.role == "in":
         scale = _member_scale(m, size, old_units, plan)
-        new = new * _along(new, dim, scale)
+        new = new * along(new, dim, scale)
     elif m.role == "out":
         new = _fill_out(t, new, dim, index, plan, m)
     p.value = new
@@ -95,7 +82,7 @@ def _fill_out(
         mask = torch.zeros(index.numel(), dtype=torch.bool)
         mask[m.offset : m.offset + copies.numel()] = copies
         noise = torch.randn_like(new) * (std * plan.noise)
-        new = new + noise * _along(new, dim, mask.to(new.dtype))
+        new = new + noise * along(new, dim, mask.to(new.dtype))
     return new
 
 

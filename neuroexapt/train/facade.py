@@ -24,6 +24,7 @@ from neuroexapt.metrics.layer_metrics import unit_scores
 from neuroexapt.metrics.report import AnalysisReport
 from neuroexapt.ops import EditRecord, deepen, narrow, unit_norms
 from neuroexapt.ops.edit import count_parameters
+from neuroexapt.ops.transaction import model_outputs
 from neuroexapt.policy.connections import ConnectionGrowthManager
 from neuroexapt.policy.criteria import Criteria
 from neuroexapt.policy.division import AdaptiveNeuronDivision
@@ -283,16 +284,9 @@ class NeuroExapt:
         """The model's eval-mode outputs on the probe's first batch (classification only)."""
         if self.task_type != "classification" or not self._probe:
             return None
-        model = self._require_model()
         x = self._probe[0][0]
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            with torch.no_grad():
-                return model(*((x,) if isinstance(x, torch.Tensor) else tuple(x)))
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        inputs = (x,) if isinstance(x, torch.Tensor) else tuple(x)
+        return model_outputs(self._require_model(), inputs)[0]
 
     def _kl_since(self, before: torch.Tensor | None) -> float:
         after = self._outputs()
