@@ -36,10 +36,8 @@ import argparse
 import copy
 import datetime
 import json
-import statistics
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,9 +46,17 @@ from torch import nn
 import neuroexapt
 
 try:
+    from benchmarks.common import Batches, accuracy, conv_widths, paired_latency, params
     from benchmarks.data import load_fashion_mnist
     from benchmarks.machine import machine
 except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
+    from common import (  # type: ignore[no-redef]
+        Batches,
+        accuracy,
+        conv_widths,
+        paired_latency,
+        params,
+    )
     from data import load_fashion_mnist  # type: ignore[no-redef]
     from machine import machine  # type: ignore[no-redef]
 
@@ -70,37 +76,6 @@ def wide_cnn(width: int = 64) -> nn.Sequential:
                          nn.Linear(2 * width * 7 * 7, 10))
 
 
-class Batches:
-    """Shuffled mini-batches; every pass ``k`` uses the permutation of ``seed + k``."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int | None) -> None:
-        self.x, self.y, self.batch, self.seed, self.passes = x, y, batch, seed, 0
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.y)
-        if self.seed is None:
-            order = torch.arange(n)
-        else:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(
-                self.seed + self.passes))
-        self.passes += 1
-        for i in range(0, n, self.batch):
-            idx = order[i:i + self.batch]
-            yield self.x[idx], self.y[idx]
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    hits = sum(int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum())
-               for i in range(0, len(y), 500))
-    return 100.0 * hits / len(y)
-
-
-def params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def train_arm(init: nn.Module, split: tuple[torch.Tensor, ...], args: argparse.Namespace,
               info_weight: float, threshold: float) -> tuple[nn.Module, dict[str, Any]]:
     """Train a copy of ``init`` with the Trainer; the model, its history and wall time."""
@@ -115,32 +90,12 @@ def train_arm(init: nn.Module, split: tuple[torch.Tensor, ...], args: argparse.N
     return trainer.model, {"train_s": time.perf_counter() - start, "history": history}
 
 
-def _time(model: nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(x)
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def latency(a: nn.Module, b: nn.Module, batch: int, repeats: int, warmup: int
             ) -> tuple[float, float]:
     """Median seconds of one forward of ``a`` and of ``b``, timed alternately."""
-    a.eval()
-    b.eval()
-    x = torch.randn(batch, 1, 28, 28)
-    for _ in range(warmup):
-        a(x)
-        b(x)
-    ta, tb = [], []
-    for i in range(repeats):  # alternate which one goes first
-        first, second = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
-        first[1].append(_time(first[0], x))
-        second[1].append(_time(second[0], x))
-    return statistics.median(ta), statistics.median(tb)
-
-
-def widths(model: nn.Module) -> list[int]:
-    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    ta, tb = paired_latency([a, b], torch.randn(batch, 1, 28, 28), repeats, warmup)
+    return ta, tb
 
 
 def verdict(row: dict[str, Any]) -> str:
@@ -207,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     init = wide_cnn(args.width)
     base_model, base = train_arm(init, split, args, 0.0, 0.0)
     base.update(params=params(base_model), acc=accuracy(base_model, x_te, y_te),
-                widths=widths(base_model))
+                widths=conv_widths(base_model))
     print(f"A baseline: {base['params']:,} params, {base['acc']:.2f}%, "
           f"{base['train_s']:.0f} s", flush=True)
     rows = []
     for iw, et in zip(args.info_weight, args.entropy_threshold, strict=True):
         model, row = train_arm(init, split, args, iw, et)
         row.update(info_weight=iw, entropy_threshold=et, params=params(model),
-                   acc=accuracy(model, x_te, y_te), widths=widths(model))
+                   acc=accuracy(model, x_te, y_te), widths=conv_widths(model))
         b1 = latency(base_model, model, 1, args.repeats_b1, 5)
         b64 = latency(base_model, model, 64, args.repeats_b64, 2)
         row.update(b1_ms=1e3 * b1[1], b64_ms=1e3 * b64[1], base_b1_ms=1e3 * b1[0],

@@ -1,4 +1,4 @@
-"""Data loading shared by the examples: CIFAR-10 from disk, scikit-learn's digits.
+"""Data loading shared by the examples: CIFAR-10 and Fashion-MNIST from disk, scikit-learn's digits.
 
 The examples are standalone: they import this file (it sits beside them) and nothing from
 ``benchmarks/``. CIFAR-10 is read from either of two layouts of ``--data-dir``:
@@ -7,6 +7,9 @@ The examples are standalone: they import this file (it sits beside them) and not
   ``cifar10_test.npz``; each holds ``x`` uint8 N x 32 x 32 x 3 and ``y``);
 * the original python version, as torchvision downloads it: a ``cifar-10-batches-py`` folder
   with ``data_batch_1`` .. ``data_batch_5`` and ``test_batch`` (given directly or its parent).
+
+Fashion-MNIST is read from the offline ``.npz`` archives ``fashion_mnist_train.npz`` and
+``fashion_mnist_test.npz`` (``x`` uint8 N x 28 x 28 x 1 and ``y``).
 
 The pickles are read with an unpickler that only accepts what a NumPy array needs, so a file
 cannot run code while it is read; torchvision is not needed.
@@ -21,13 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "load_cifar10", "load_digits"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",
+           "load_cifar10", "load_digits", "load_fashion_mnist"]
 
 # Per-channel mean and standard deviation of the CIFAR-10 training pixels on [0, 1].
 CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
 CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
+# The same for the Fashion-MNIST training pixels (one channel).
+FASHION_MNIST_MEAN = (0.286041,)
+FASHION_MNIST_STD = (0.353024,)
 
 NPZ_FILES = ("cifar10_train_part1.npz", "cifar10_train_part2.npz", "cifar10_test.npz")
+FASHION_MNIST_FILES = ("fashion_mnist_train.npz", "fashion_mnist_test.npz")
 PICKLE_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 PICKLE_TEST = "test_batch"
 
@@ -107,6 +115,25 @@ def load_cifar10(data_dir: str | Path) -> Arrays:
         f"no CIFAR-10 in {root}: expected {', '.join(NPZ_FILES)}, or a cifar-10-batches-py "
         f"folder with {', '.join(PICKLE_TRAIN)} and {PICKLE_TEST}"
     )
+
+
+def load_fashion_mnist(data_dir: str | Path) -> Arrays:
+    """Fashion-MNIST as ``(x_train, y_train, x_test, y_test)``: uint8 NHWC images, int64 labels.
+
+    Args:
+        data_dir: a folder with ``fashion_mnist_train.npz`` and ``fashion_mnist_test.npz``.
+
+    Raises:
+        FileNotFoundError: an archive is missing from ``data_dir``.
+    """
+    root = Path(data_dir)
+    missing = [name for name in FASHION_MNIST_FILES if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no Fashion-MNIST in {root}: {', '.join(missing)} missing; "
+                                "--data-dir must be the folder holding "
+                                f"{', '.join(FASHION_MNIST_FILES)}")
+    (x_tr, y_tr), (x_te, y_te) = (_read_npz(root / name) for name in FASHION_MNIST_FILES)
+    return x_tr, y_tr, x_te, y_te
 
 
 def load_digits(seed: int = 0, subset: int | None = None,

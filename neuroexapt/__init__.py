@@ -19,6 +19,7 @@ from neuroexapt.graph import (
     trace,
 )
 from neuroexapt.metrics import analyze
+from neuroexapt.metrics.cost import count_macs
 from neuroexapt.ops import (
     Checkpoint,
     EditRecord,
@@ -31,6 +32,7 @@ from neuroexapt.ops import (
     save,
     widen,
 )
+from neuroexapt.policy.pruning import PruneResult, prune_to
 from neuroexapt.train.facade import NeuroExapt
 from neuroexapt.train.trainer import Trainer
 
@@ -46,10 +48,12 @@ __all__ = [
     "NeuroExapt",
     "PerUnitHandler",
     "ProducerHandler",
+    "PruneResult",
     "Trainer",
     "__version__",
     "add_skip",
     "analyze",
+    "count_macs",
     "deepen",
     "errors",
     "get_history",
@@ -59,6 +63,7 @@ __all__ = [
     "metrics",
     "narrow",
     "optim",
+    "prune_to",
     "register_handler",
     "remove_block",
     "save",

@@ -190,3 +190,62 @@ def test_neuroexapt_quickstart_runs(example, capsys) -> None:
     assert module.main(["--epochs", "3", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "parameters" in out and "test accuracy" in out
+
+
+@pytest.fixture
+def fashion_dir(tmp_path: Path) -> Path:
+    """The shared data folder's Fashion-MNIST archives, small and random."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    for name, n in (("fashion_mnist_train.npz", N_TRAIN), ("fashion_mnist_test.npz", N_TEST)):
+        np.savez_compressed(folder / name,
+                            x=rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+                            y=rng.integers(0, 10, n).astype(np.uint8))
+    return folder
+
+
+def _figures(printed: str) -> tuple[int, int, float]:
+    before, after = (int(v) for v in
+                     printed.split("parameters ")[-1].split(" (")[0].split(" -> "))
+    return before, after, float(printed.split("test accuracy ")[1].split()[0])
+
+
+def test_neuroexapt_fashion_mnist_on_npz(example, fashion_dir: Path, capsys) -> None:
+    module = example("neuroexapt_fashion_mnist")
+    argv = ["--data-dir", str(fashion_dir), "--epochs", "1", "--subset", "60", "--val", "12",
+            "--width", "4", "--batch-size", "16", "--threads", "1", "--quiet"]
+    assert module.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fashion_mnist: 48 training, 12 validation, 30 test images of shape (1, 28, 28)" \
+        in printed
+    before, after, acc = _figures(printed)
+    expected = sum(p.numel() for p in module.cnn(1, 28, width=4).parameters())
+    assert before == expected  # conv 4 - conv 4 - conv 8 - linear 8*7*7 -> 10
+    assert after == before  # one epoch: the Trainer never prunes after the last epoch
+    assert acc in {round(k / N_TEST, 4) for k in range(N_TEST + 1)}  # in [0, 1], of 30
+    assert "epoch 1: train loss " in printed and "epoch 2" not in printed
+
+
+def test_neuroexapt_fashion_mnist_prunes_cifar10(example, npz_dir: Path, capsys) -> None:
+    # Two epochs and a threshold above the gates' initial 4.5 nats: the step after epoch 1
+    # removes the largest share a step may (25% of each conv), for real.
+    module = example("neuroexapt_fashion_mnist")
+    argv = ["--data-dir", str(npz_dir), "--dataset", "cifar10", "--epochs", "2",
+            "--subset", "40", "--val", "8", "--width", "4", "--batch-size", "16",
+            "--entropy-threshold", "8", "--quiet"]
+    assert module.main(argv) == 0
+    printed = capsys.readouterr().out
+    before, after, acc = _figures(printed)
+    assert before == sum(p.numel() for p in module.cnn(3, 32, width=4).parameters())
+    assert "conv widths [4, 4, 8] -> [3, 3, 6]" in printed
+    # Smaller tensors: convs 3x3 (3->3, 3->3, 3->6, no bias) with their BatchNorms, and the
+    # linear layer's 6 * 8 * 8 inputs.
+    assert after == 9 * (3 * 3 + 3 * 3 + 3 * 6) + 2 * (3 + 3 + 6) + 6 * 64 * 10 + 10 < before
+    assert acc in {round(k / N_TEST, 4) for k in range(N_TEST + 1)}
+
+
+def test_neuroexapt_fashion_mnist_without_data(example, tmp_path: Path, capsys) -> None:
+    module = example("neuroexapt_fashion_mnist")
+    assert module.main(["--data-dir", str(tmp_path), "--quiet"]) == 2
+    assert "no Fashion-MNIST in" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from neuroexapt.metrics.analyze import BOTTLENECK_METRICS, DEFAULT_THRESHOLDS, analyze
 from neuroexapt.metrics.collector import ActivationCollector, LayerStats
+from neuroexapt.metrics.cost import count_macs
 from neuroexapt.metrics.estimators import (
     MI_METHODS,
     SIGMA_RULES,
@@ -67,6 +68,7 @@ __all__ = [
     "ablation_loss",
     "activation_diversity",
     "analyze",
+    "count_macs",
     "effective_rank",
     "entropy",
     "get_importance_metric",

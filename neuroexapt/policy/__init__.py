@@ -6,11 +6,14 @@ from neuroexapt.policy.connections import ConnectionGrowthManager
 from neuroexapt.policy.criteria import Criteria
 from neuroexapt.policy.division import AdaptiveNeuronDivision
 from neuroexapt.policy.events import EventLog, MorphogenesisEvent
+from neuroexapt.policy.pruning import PRUNE_COSTS, PRUNE_SCORES, PruneResult, prune_to
 from neuroexapt.policy.rollback import Snapshot
 from neuroexapt.policy.triggers import MorphogenesisTrigger
 
 __all__ = [
     "DIVISION_STRATEGIES",
+    "PRUNE_COSTS",
+    "PRUNE_SCORES",
     "AdaptiveNeuronDivision",
     "ConnectionGrowthManager",
     "Criteria",
@@ -19,5 +22,7 @@ __all__ = [
     "LayerPerformanceAnalyzer",
     "MorphogenesisEvent",
     "MorphogenesisTrigger",
+    "PruneResult",
     "Snapshot",
+    "prune_to",
 ]

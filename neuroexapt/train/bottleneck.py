@@ -38,9 +38,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -140,6 +141,7 @@ class InformationBottleneck(nn.Module):
         self._handles = [m.register_forward_hook(partial(self._gate, n))
                          for n, m in self._targets.items()]
         self._absorbed = False
+        self._deterministic = False
 
     def _gate(self, name: str, module: nn.Module, args: Any, output: Tensor) -> Tensor:
         mu, log_sigma2 = self.mu[_key(name)], self.log_sigma2[_key(name)]
@@ -151,7 +153,7 @@ class InformationBottleneck(nn.Module):
                 "before resizing and make a new InformationBottleneck"
             )
         view = [-1 if d == dim else 1 for d in range(output.ndim)]
-        if not module.training:
+        if not module.training or self._deterministic:
             return output * mu.view(view)
         noise = [s if d in (0, dim) else 1 for d, s in enumerate(output.shape)]
         eps = torch.randn(noise, device=output.device, dtype=output.dtype)
@@ -201,6 +203,18 @@ class InformationBottleneck(nn.Module):
         self._absorbed = True
         self.remove()
         logger.debug("absorbed gates of %s", ", ".join(self.layers))
+
+    @contextlib.contextmanager
+    def deterministic(self) -> Iterator[None]:
+        """Inside the block the gates pass ``h * mu`` even in training mode (no noise).
+
+        For re-estimating BatchNorm statistics as the eval-mode model will see them.
+        """
+        previous, self._deterministic = self._deterministic, True
+        try:
+            yield
+        finally:
+            self._deterministic = previous
 
     def remove(self) -> None:
         """Remove the hooks; the model runs ungated (without ``mu``) from now on."""

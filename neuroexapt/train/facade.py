@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from neuroexapt.errors import ConfigError, NeuroExaptError
@@ -28,6 +29,7 @@ from neuroexapt.ops.transaction import model_outputs
 from neuroexapt.policy.connections import ConnectionGrowthManager
 from neuroexapt.policy.criteria import Criteria
 from neuroexapt.policy.division import AdaptiveNeuronDivision
+from neuroexapt.policy.pruning import PruneResult, prune_to
 from neuroexapt.train.sinks import RunLogger
 
 logger = logging.getLogger(__name__)
@@ -156,15 +158,17 @@ class NeuroExapt:
             stats, "activation")
         metrics = report[layer].metrics
         h_o = report.label_entropy or 0.0
-        info = metrics.get("information", 0.0)
+        # I(L;O) is estimated for classification only: unmeasured, it is NaN (which criteria
+        # never select), not 0 (with which "mi < 0.1" would empty every layer in regression)
+        info = metrics.get("information", math.nan)
         budget = h_o * math.exp(-self.lam * (self.depth or 1))
         values: dict[str, Any] = {
             "entropy": unit_entropy(x).float(),
             "importance": (scores / scores.max().clamp(min=1e-30)).float(),
             "mutual_information": info,
             "information": info,
-            "information_lost": metrics.get("information_lost", 0.0),
-            "redundancy": 1.0 - info / budget if budget > 0 else 0.0,
+            "information_lost": metrics.get("information_lost", math.nan),
+            "redundancy": 1.0 - info / budget if budget > 0 else math.nan,
             "sensitivity": metrics.get("performance_sensitivity", 0.0),
             "gradient_variance": metrics.get("gradient_variance", 0.0),
             "rank_ratio": metrics.get("rank_ratio", 0.0),
@@ -215,6 +219,23 @@ class NeuroExapt:
             self._pending_kl += self._kl_since(before)
             self.measure(self._probe or [])
         return records
+
+    def prune_to(self, amount: float, *, data: Iterable[Batch], by: str = "parameters",
+                 score: str = "information", steps: int = 5,
+                 optimizer: torch.optim.Optimizer | None = None) -> PruneResult:
+        """Remove the units carrying the least information per cost until ``by`` falls by
+        ``amount`` (see :func:`neuroexapt.prune_to`; the loss follows ``task_type``).
+        The model is measured again on ``data`` afterwards."""
+        model = self._require_model()
+        loss = F.cross_entropy if self.task_type == "classification" else F.mse_loss
+        batches = list(_take(data, 8))
+        before = self._outputs()
+        result = prune_to(model, batches, amount, by=by, score=score, loss_fn=loss,
+                          batches=len(batches) or 1, steps=steps, optimizer=optimizer)
+        if result.records:
+            self._pending_kl += self._kl_since(before)
+            self.measure(batches)
+        return result
 
     def expand_layers(self, method: str = "mutate", num_layers: int = 2, *,
                       data: Iterable[Batch] | None = None,

@@ -67,6 +67,8 @@ class Trainer:
         max_prune_fraction: largest share of a layer's units removed in one change.
         rollback_threshold: validation drop that rolls a change back.
         checkpoint_dir: where ``best.pt`` (neuroexapt.save format) is written.
+        recalibrate_batches: training batches over which BatchNorm statistics are measured
+            again with noise-free gates after every epoch (0: never).
         progress: show a tqdm progress bar when tqdm is installed.
     """
 
@@ -78,7 +80,7 @@ class Trainer:
         loss_fn: Callable[..., torch.Tensor] | None = None, evolve_every: int = 1,
         expand: bool = False, max_prune_fraction: float = 0.25,
         rollback_threshold: float = 0.05, checkpoint_dir: str | None = None,
-        progress: bool = True,
+        progress: bool = True, recalibrate_batches: int = 10,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -90,6 +92,10 @@ class Trainer:
         if isinstance(evolve_every, bool) or not isinstance(evolve_every, int) or \
                 evolve_every < 1:
             raise ConfigError(f"evolve_every must be a positive int, got {evolve_every!r}")
+        if isinstance(recalibrate_batches, bool) or not isinstance(recalibrate_batches, int) \
+                or recalibrate_batches < 0:
+            raise ConfigError(f"recalibrate_batches must be an int >= 0, got "
+                              f"{recalibrate_batches!r}")
         if not 0 < max_prune_fraction <= 1:
             raise ConfigError(f"max_prune_fraction must be in (0, 1], got {max_prune_fraction}")
         self.model = model
@@ -106,6 +112,7 @@ class Trainer:
         self.max_prune_fraction, self.rollback_threshold = max_prune_fraction, rollback_threshold
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.progress = progress
+        self.recalibrate_batches = recalibrate_batches
         self.feedback = 1.0
         self.ib: InformationBottleneck | None = None
         self._gate_opt: torch.optim.Optimizer | None = None
@@ -123,7 +130,7 @@ class Trainer:
                     len(graph.calls.get(name, [])) == 1:
                 try:
                     if graph.group_of(name).resizable:
-                        names.append(name)
+                        names.append(_norm_after(self.model, graph, name) or name)
                 except NeuroExaptError:
                     continue
         if not names:
@@ -153,6 +160,7 @@ class Trainer:
         bar = _bar(range(1, epochs + 1), self.progress)
         for epoch in bar:
             train_loss = self._train_epoch(train_loader)
+            self._recalibrate(train_loader)
             val_loss, metric = self._validate(val)
             pending = self._maybe_rollback(pending, metric, val)
             if metric > best and self.checkpoint_dir is not None:
@@ -190,6 +198,33 @@ class Trainer:
         return total / batches
 
     @torch.no_grad()
+    def _recalibrate(self, loader: Iterable[Batch]) -> None:
+        """Re-estimate BatchNorm statistics with noise-free gates (``recalibrate_batches``).
+
+        In training the gates' noise enters the statistics of every BatchNorm downstream; the
+        eval-mode model runs without it, so its statistics are measured again, as a plain
+        average over the batches, before validation.
+        """
+        norms = [m for m in self.model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not norms or self.ib is None or self.recalibrate_batches == 0:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        self.model.train()
+        try:
+            with self.ib.deterministic():
+                for i, (x, _) in enumerate(loader):
+                    if i >= self.recalibrate_batches:
+                        break
+                    self.model(*_args(_to(x, self.device)))
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+
+    @torch.no_grad()
     def _validate(self, val: list[Batch]) -> tuple[float, float]:
         self.model.eval()
         loss = hits = count = 0.0
@@ -214,7 +249,8 @@ class Trainer:
         limit = self.threshold(epoch, epochs)
         chosen = {}
         info = self.ib.unit_information()
-        for layer, units in self.ib.prunable(max(limit, 1e-9)).items():
+        # a threshold of 0 nats selects nothing (no unit passes less than 0 nats)
+        for layer, units in (self.ib.prunable(limit) if limit > 0 else {}).items():
             cap = int(self.max_prune_fraction * info[layer].numel())
             if units and cap:
                 order = sorted(units, key=lambda u: float(info[layer][u]))
@@ -286,7 +322,25 @@ class Trainer:
 
 
 def _units(module: nn.Module) -> int:
-    return int(getattr(module, "out_features", getattr(module, "out_channels", 1)))
+    return int(getattr(module, "out_features", getattr(module, "out_channels",
+                                                        getattr(module, "num_features", 1))))
+
+
+def _norm_after(model: nn.Module, graph: Any, name: str) -> str | None:
+    """The affine BatchNorm that alone reads ``name``'s output, if any.
+
+    The gate goes after that BatchNorm: gated before it, the noise would enter its running
+    statistics, which then no longer fit the noise-free eval-mode activations.
+    """
+    users = list(graph.node_of(name).users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    target = str(users[0].target)
+    norm = model.get_submodule(target)
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine and \
+            len(graph.calls.get(target, [])) == 1:
+        return target
+    return None
 
 
 def _args(x: Any) -> tuple[Any, ...]:

@@ -1,0 +1,236 @@
+"""Wall-time overhead of DNM and of the NeuroExapt Trainer against the plain loop (issue 6).
+
+Three arms train the same initial model (``VGGSmall`` of ``analysis_overhead.py``, 160k
+parameters) on the same CIFAR-10 subset in the same order with the same SGD optimizer, and
+validate after every epoch:
+
+* **plain**: the training loop alone;
+* **dnm**: the same loop with :class:`neuroexapt.core.DNMFramework` (its documented calls
+  after every epoch: ``update_caches``, ``record_performance``,
+  ``should_trigger_morphogenesis``, ``execute_morphogenesis``), growing the model as it
+  decides (its probe: ``--probe`` test images, in batches of 128); the time spent inside
+  those calls is reported apart from the (possibly larger) model's training;
+* **trainer**: ``neuroexapt.Trainer(info_weight=0.1, entropy_threshold=0)``: the gates and
+  the information regulariser on every hidden layer, without structural change, so the
+  difference from plain is the analysis alone.
+
+The arms run ``--repeats`` times in rotating order (plain, dnm, trainer; then dnm, trainer,
+plain; ...) so that load elsewhere on the machine falls on all of them; the median wall time
+per arm is reported with each repeat's ratios. ``--edits`` also runs
+``edit_latency.py`` (the latency of every edit on a ResNet-18) with the same thread count.
+
+Usage::
+
+    .venv/bin/python benchmarks/overhead.py --data-dir ../shared/data --json runs/overhead.json
+    .venv/bin/python benchmarks/overhead.py --data-dir ../shared/data --edits
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neuroexapt
+from neuroexapt.core import DNMFramework
+
+try:
+    from benchmarks import edit_latency
+    from benchmarks.analysis_overhead import VGGSmall
+    from benchmarks.common import Batches, accuracy, params
+    from benchmarks.data import load_cifar10
+    from benchmarks.machine import machine
+except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
+    import edit_latency  # type: ignore[no-redef]
+    from analysis_overhead import VGGSmall  # type: ignore[no-redef]
+    from common import Batches, accuracy, params  # type: ignore[no-redef]
+    from data import load_cifar10  # type: ignore[no-redef]
+    from machine import machine  # type: ignore[no-redef]
+
+OVERHEAD_GOAL = 0.05  # issue 6: analysis overhead at most 5%
+ARMS = ("plain", "dnm", "trainer")
+Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _sgd(model: nn.Module, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+def _epoch(model: nn.Module, opt: torch.optim.Optimizer, batches: Batches) -> tuple[float, float]:
+    model.train()
+    total = hits = count = 0.0
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(y)
+        hits += float((out.argmax(1) == y).sum())
+        count += len(y)
+    return total / count, hits / count
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, val: list[tuple[torch.Tensor, torch.Tensor]]
+              ) -> tuple[float, float]:
+    model.eval()
+    loss = hits = count = 0.0
+    for x, y in val:
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        hits += float((out.argmax(1) == y).sum())
+        count += len(y)
+    return loss / count, hits / count
+
+
+def run_plain(init: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, Any]:
+    model = copy.deepcopy(init)
+    opt = _sgd(model, args.lr)
+    train, val = Batches(data[0], data[1], args.batch, args.seed), _val(data, args)
+    start = time.perf_counter()
+    for _ in range(args.epochs):
+        _epoch(model, opt, train)
+        _validate(model, val)
+    return {"wall_s": time.perf_counter() - start, "model": model}
+
+
+def run_dnm(init: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, Any]:
+    model = copy.deepcopy(init)
+    opt = _sgd(model, args.lr)
+    train, val = Batches(data[0], data[1], args.batch, args.seed), _val(data, args)
+    dnm = DNMFramework(model, {"morphogenesis_interval": 1, "max_morphogenesis_per_epoch": 1,
+                               "max_architecture_changes": args.epochs},
+                       optimizer=opt, seed=args.seed,
+                       probe=[(data[2][i:i + 128], data[3][i:i + 128])
+                              for i in range(0, args.probe, 128)])
+    inside = 0.0
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        train_loss, train_acc = _epoch(model, opt, train)
+        val_loss, val_acc = _validate(model, val)
+        t0 = time.perf_counter()
+        dnm.update_caches()
+        dnm.record_performance(val_acc)
+        trigger, _ = dnm.should_trigger_morphogenesis(
+            epoch, {"accuracy": train_acc, "loss": train_loss},
+            {"accuracy": val_acc, "loss": val_loss})
+        if trigger:
+            dnm.execute_morphogenesis(epoch)
+        inside += time.perf_counter() - t0
+    changes = sum(e.kind != "rollback" for e in dnm.events.events)
+    return {"wall_s": time.perf_counter() - start, "dnm_s": inside, "model": model,
+            "changes": changes}
+
+
+def run_trainer(init: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, Any]:
+    model = copy.deepcopy(init)
+    opt = _sgd(model, args.lr)
+    trainer = neuroexapt.Trainer(model, info_weight=0.1, entropy_threshold=0.0, optimizer=opt,
+                                 lr=args.lr, progress=False)
+    start = time.perf_counter()
+    trainer.fit(Batches(data[0], data[1], args.batch, args.seed), _val(data, args), args.epochs)
+    return {"wall_s": time.perf_counter() - start, "model": trainer.model}
+
+
+RUNNERS = {"plain": run_plain, "dnm": run_dnm, "trainer": run_trainer}
+
+
+def _val(data: Data, args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = data[2][:args.val], data[3][:args.val]
+    return [(x[i:i + 500], y[i:i + 500]) for i in range(0, len(y), 500)]
+
+
+def measure(data: Data, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    init = VGGSmall()
+    warm = copy.deepcopy(init)  # one-time costs (allocator, kernels) before any timing
+    _epoch(warm, _sgd(warm, args.lr), Batches(data[0][:512], data[1][:512], args.batch, 0))
+    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in ARMS}
+    for r in range(args.repeats):
+        for i in range(len(ARMS)):
+            arm = ARMS[(r + i) % len(ARMS)]
+            torch.manual_seed(args.seed + r)
+            out = RUNNERS[arm](init, data, args)
+            model = out.pop("model")
+            out.update(params=params(model), acc=accuracy(model, data[2], data[3]))
+            runs[arm].append(out)
+            print(f"repeat {r + 1} {arm}: {out['wall_s']:.1f} s", flush=True)
+    plain = [x["wall_s"] for x in runs["plain"]]
+    summary = {}
+    for arm in ARMS:
+        walls = [x["wall_s"] for x in runs[arm]]
+        summary[arm] = {"median_s": statistics.median(walls),
+                        "ratios": [w / p for w, p in zip(walls, plain, strict=True)],
+                        "params": runs[arm][-1]["params"],
+                        "acc": statistics.mean(x["acc"] for x in runs[arm])}
+        summary[arm]["overhead"] = summary[arm]["median_s"] / summary["plain"]["median_s"] - 1
+    dnm_own = [x["dnm_s"] / p for x, p in zip(runs["dnm"], plain, strict=True)]
+    summary["dnm"]["own_share"] = statistics.median(dnm_own)
+    summary["dnm"]["changes"] = [x["changes"] for x in runs["dnm"]]
+    return {"runs": runs, "summary": summary}
+
+
+def table(result: dict[str, Any], args: argparse.Namespace) -> str:
+    s = result["summary"]
+    lines = ["| arm | median wall s | overhead vs plain | per-repeat ratio | final params | "
+             "test acc % |", "|---|---:|---:|---|---:|---:|"]
+    for arm in ARMS:
+        row = s[arm]
+        ratios = ", ".join(f"{r:.3f}" for r in row["ratios"])
+        lines.append(f"| {arm} | {row['median_s']:.1f} | {100 * row['overhead']:+.1f}% | "
+                     f"{ratios} | {row['params']:,} | {row['acc']:.2f} |")
+    lines.append("")
+    lines.append(f"DNM's own calls took {100 * s['dnm']['own_share']:.1f}% of the plain loop's "
+                 f"time (median over repeats); changes made per run: {s['dnm']['changes']}.")
+    goal = s["trainer"]["overhead"] <= OVERHEAD_GOAL
+    lines.append(f"Trainer analysis overhead {100 * s['trainer']['overhead']:+.1f}% "
+                 f"(goal <= {100 * OVERHEAD_GOAL:.0f}%: {'met' if goal else 'missed'}); "
+                 f"{args.epochs} epochs of {args.subset} images, {args.threads} threads.")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", required=True, help="folder of the cifar10_*.npz archives")
+    p.add_argument("--subset", type=int, default=5_000, help="training images")
+    p.add_argument("--val", type=int, default=1_000, help="test images used for validation")
+    p.add_argument("--probe", type=int, default=256, help="images DNM analyses per epoch")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--edits", action="store_true", help="also run edit_latency.py")
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_cifar10(args.data_dir, args.subset, args.seed)
+    result = measure(data, args)
+    print(table(result, args))
+    if args.json:
+        out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "machine": machine(), "args": vars(args), **result}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=float)
+    if args.edits:
+        edit_latency.main(["--threads", str(args.threads)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

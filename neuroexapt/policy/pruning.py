@@ -1,0 +1,310 @@
+"""Pruning to a target: remove the units that carry the least information per unit of cost.
+
+:func:`prune_to` removes, for real (:func:`neuroexapt.narrow`), units of every resizable inner
+group until the model's parameters or MACs fall by ``amount``. It works in ``steps`` rounds
+on a linear schedule (each round re-traces and re-measures), and in each round removes the
+units with the lowest ``score / cost`` over all groups at once:
+
+* ``score="information"`` (default): the information about the target that removing the unit
+  loses, estimated to first order on ``batches`` labelled batches. Removing unit ``u`` zeroes
+  the weights that read it (the ``"in"`` members of its group, every consumer included), so
+  the loss, a cross-entropy in nats for classification, changes by ``d_b = -sum(theta * g)``
+  over those weights on batch ``b``; the score is ``sqrt(mean_b d_b**2)``, in nats (the group
+  Taylor criterion of Molchanov et al., "Importance Estimation for Neural Network Pruning",
+  CVPR 2019, and the Fisher pruning of Theis et al., 2018). Groups read by no parameter fall
+  back to the unit's own weights (``"out"`` and ``"pass"`` members).
+* ``score="norm"``: the L2 norm of the unit's incoming weights (magnitude pruning).
+
+``cost`` is what removing the unit saves: parameters (every parameter entry of the group
+that belongs to the unit) or MACs (those entries of Conv/Linear weights times the positions
+where the layer runs, measured on the example). A round never removes more than
+``max_fraction`` of a group's units, nor its last one; groups tied to the output, frozen or
+split in equal segments (GroupNorm, grouped convolutions) are left alone.
+
+Example:
+    >>> result = prune_to(model, train_batches[:8], 0.5, by="parameters", optimizer=opt)
+    >>> result.parameters_before, result.parameters_after
+    (558538, 276904)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroexapt.errors import AnalysisError, ConfigError, NeuroExaptError
+from neuroexapt.graph import trace
+from neuroexapt.graph.groups import Group, Member
+from neuroexapt.metrics.cost import count_macs
+from neuroexapt.ops import EditRecord, narrow
+from neuroexapt.ops.edit import count_parameters
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PRUNE_COSTS", "PRUNE_SCORES", "PruneResult", "prune_to"]
+
+PRUNE_SCORES: tuple[str, ...] = ("information", "norm")
+PRUNE_COSTS: tuple[str, ...] = ("parameters", "macs")
+Batch = tuple[Any, torch.Tensor]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_to` did, measured before and after."""
+
+    parameters_before: int
+    parameters_after: int
+    macs_before: int
+    macs_after: int
+    rounds: int
+    units_removed: int
+    records: list[EditRecord] = field(default_factory=list)
+
+
+def prune_to(
+    model: nn.Module, data: Iterable[Batch], amount: float, *, by: str = "parameters",
+    score: str = "information", loss_fn: LossFn = F.cross_entropy, batches: int = 8,
+    steps: int = 5, max_fraction: float = 0.5,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> PruneResult:
+    """Remove units until ``by`` (parameters or MACs of one sample) falls by ``amount``.
+
+    Args:
+        model: the model, edited in place.
+        data: ``(inputs, targets)`` batches; the first ``batches`` are used to score units
+            (the model is run in eval mode; its ``.grad`` fields are restored afterwards).
+        amount: the share to remove, in (0, 1).
+        by: ``"parameters"`` or ``"macs"``.
+        score: ``"information"`` or ``"norm"`` (see the module docstring).
+        loss_fn: the task loss (cross-entropy by default; MSE for regression).
+        batches: labelled batches used per round.
+        steps: rounds of the linear schedule.
+        max_fraction: the largest share of a group removed in one round.
+        optimizer: optimizer whose state follows every edit.
+
+    Returns:
+        A :class:`PruneResult`; the target may be missed when no unit is left to remove (a
+        warning says so).
+
+    Raises:
+        ConfigError: bad arguments.
+        AnalysisError: ``data`` yields no batch, or the loss is not finite.
+    """
+    _check(amount, by, score, batches, steps, max_fraction)
+    probe = [b for _, b in zip(range(batches), data, strict=False)]
+    if not probe:
+        raise AnalysisError("prune_to got no batch; pass (inputs, targets) batches as data=")
+    example = _inputs(probe[0][0])
+    one = tuple(t[:1] for t in example)
+    params0, macs0 = count_parameters(model), count_macs(model, one)
+    base = params0 if by == "parameters" else macs0
+    goal = base * (1.0 - amount)
+    records: list[EditRecord] = []
+    rounds = removed = 0
+    for rounds in range(1, 3 * steps + 1):
+        current = count_parameters(model) if by == "parameters" else count_macs(model, one)
+        if current <= goal:
+            rounds -= 1
+            break
+        target = max(goal, base * (1.0 - amount * min(rounds, steps) / steps))
+        done, units = _round(model, probe, example, current - target, current, by, score, loss_fn,
+                      max_fraction, optimizer)
+        if not done:
+            logger.warning("prune_to stopped at %d of the target %d %s: no unit left that "
+                           "may be removed", current, int(goal), by)
+            break
+        records.extend(done)
+        removed += units
+    result = PruneResult(params0, count_parameters(model), macs0, count_macs(model, one),
+                         rounds, removed, records)
+    logger.info("prune_to: parameters %d -> %d, MACs %d -> %d in %d rounds",
+                result.parameters_before, result.parameters_after, result.macs_before,
+                result.macs_after, rounds)
+    return result
+
+
+def _check(amount: float, by: str, score: str, batches: int, steps: int,
+           max_fraction: float) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 < amount < 1:
+        raise ConfigError(f"amount must be a share in (0, 1), got {amount!r}")
+    if by not in PRUNE_COSTS:
+        raise ConfigError(f"unknown cost by={by!r}; valid: {', '.join(PRUNE_COSTS)}")
+    if score not in PRUNE_SCORES:
+        raise ConfigError(f"unknown score {score!r}; valid: {', '.join(PRUNE_SCORES)}")
+    for name, value in (("batches", batches), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    if not 0 < max_fraction <= 1:
+        raise ConfigError(f"max_fraction must be in (0, 1], got {max_fraction!r}")
+
+
+def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ...],
+           need: float, current: float, by: str, score: str, loss_fn: LossFn,
+           max_fraction: float, optimizer: torch.optim.Optimizer | None
+           ) -> tuple[list[EditRecord], int]:
+    """One round: remove the cheapest-information units worth about ``need`` of ``by``."""
+    graph = trace(model, example)
+    groups = [g for g in graph.groups if _eligible(g)]
+    if not groups:
+        return [], 0
+    positions = _positions(model, example)
+    costs = {g.id: _unit_cost(model, g, by, positions) for g in groups}
+    scores = (_information(model, groups, probe, loss_fn) if score == "information"
+              else {g.id: _norms(model, g) for g in groups})
+    # the estimate of what a unit saves is scaled so that the estimates add up to the total
+    scale = current / max(1.0, _estimated_total(model, by, positions))
+    ranked = sorted((float(scores[g.id][u]) / max(float(costs[g.id][u]), 1e-12), g.id, u)
+                    for g in groups for u in range(g.size))
+    caps = {g.id: min(g.size - 1, int(max_fraction * g.size)) for g in groups}
+    chosen: dict[int, list[int]] = {g.id: [] for g in groups}
+    saved = 0.0
+    for _, gid, unit in ranked:
+        if saved >= need:
+            break
+        if len(chosen[gid]) < caps[gid]:
+            chosen[gid].append(unit)
+            saved += float(costs[gid][unit]) * scale
+    records, removed = [], 0
+    by_id = {g.id: g for g in groups}
+    for gid, units in chosen.items():
+        if not units:
+            continue
+        layer = by_id[gid].producers[0]
+        try:
+            records.append(narrow(model, layer, remove=units, example_inputs=example,
+                                  optimizer=optimizer))
+            removed += len(units)
+        except NeuroExaptError as e:  # the group changed under an earlier edit of this round
+            logger.info("prune_to: '%s' skipped: %s", layer, e)
+    return records, removed
+
+
+def _eligible(group: Group) -> bool:
+    return (group.resizable and not group.output and group.size > 1 and group.segments == 1
+            and bool(group.producers))
+
+
+def _tensor(model: nn.Module, member: Member) -> torch.Tensor | None:
+    owner = model.get_submodule(member.module) if member.module else model
+    value = getattr(owner, member.tensor, None) if member.tensor else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _per_unit(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """``t`` [..] -> [size, rest]: the entries of each unit along the member's dim."""
+    part = t.narrow(member.dim, member.offset, size * member.block).movedim(member.dim, 0)
+    return part.reshape(size, -1)
+
+
+def _positions(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """Per sample, how many times each Conv/Linear weight is applied (output positions)."""
+    found: dict[str, float] = {}
+    handles = []
+    batch = example[0].shape[0] if example[0].dim() else 1
+
+    def hook(name: str, module: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and module.weight.shape[0] > 0:
+            found[name] = out.numel() / (batch * module.weight.shape[0])
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, n=name: hook(n, m, a, o)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _unit_cost(model: nn.Module, group: Group, by: str,
+               positions: dict[str, float]) -> torch.Tensor:
+    """What removing each unit saves: parameter entries, or MACs per sample."""
+    cost = torch.zeros(group.size, dtype=torch.float64)
+    for m in group.members:
+        t = _tensor(model, m)
+        if not isinstance(t, nn.Parameter):
+            continue
+        entries = m.block * t.numel() / max(1, t.shape[m.dim])
+        if by == "parameters":
+            cost += entries
+        elif m.tensor == "weight" and m.module in positions:
+            cost += entries * positions[m.module]
+    return cost
+
+
+def _estimated_total(model: nn.Module, by: str, positions: dict[str, float]) -> float:
+    """The total that :func:`_unit_cost` estimates from (to scale it to the measured one)."""
+    if by == "parameters":
+        return float(count_parameters(model))
+    return sum(model.get_submodule(n).weight.numel() * p for n, p in positions.items())
+
+
+def _norms(model: nn.Module, group: Group) -> torch.Tensor:
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for m in group.members:
+        t = _tensor(model, m)
+        if m.role == "out" and isinstance(t, nn.Parameter):
+            total += _per_unit(t.detach().double(), m, group.size).pow(2).sum(1).cpu()
+    return total.sqrt()
+
+
+def _information(model: nn.Module, groups: list[Group], probe: list[Batch],
+                 loss_fn: LossFn) -> dict[int, torch.Tensor]:
+    """RMS over batches of the first-order loss change (nats) of removing each unit."""
+    members = {}
+    for g in groups:
+        readers = [m for m in g.members if m.role == "in"
+                   and isinstance(_tensor(model, m), nn.Parameter)]
+        members[g.id] = readers or [m for m in g.members if m.role in ("out", "pass")
+                                    and isinstance(_tensor(model, m), nn.Parameter)]
+    squares = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in probe:
+            for p in params:
+                p.grad = None
+            loss = loss_fn(model(*_inputs(x)), y)
+            if not torch.isfinite(loss):
+                raise AnalysisError("the loss is NaN or infinite while scoring units; check "
+                                    "the model and the data")
+            loss.backward()
+            for g in groups:
+                change = torch.zeros(g.size, dtype=torch.float64)
+                for m in members[g.id]:
+                    t = _tensor(model, m)
+                    if t is None or t.grad is None:
+                        continue
+                    prod = (t.detach() * t.grad).double()
+                    change += _per_unit(prod, m, g.size).sum(1).cpu()
+                squares[g.id] += change.square()
+    finally:
+        for p, grad in zip(params, saved, strict=True):
+            p.grad = grad
+        model.train(was_training)
+    return {gid: (s / len(probe)).sqrt() for gid, s in squares.items()}
+
+
+def _inputs(x: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, tuple | list) and all(isinstance(t, torch.Tensor) for t in x):
+        return tuple(x)
+    raise ConfigError(f"batch inputs must be a tensor or a tuple of tensors, got "
+                      f"{type(x).__name__}")
+
