@@ -2,15 +2,18 @@
 
 Each epoch trains with ``loss + info_weight * mean_units 0.5 log(1 + mu^2 / sigma^2)`` (the
 variational information-bottleneck gates of :class:`InformationBottleneck` on every hidden
-Conv/Linear layer; the mean over all gated units keeps ``info_weight`` meaningful whatever
-the model's size), validates, keeps the best checkpoint and, every ``evolve_every`` epochs,
-evolves the structure:
+Conv/Linear layer, after its BatchNorm when one alone reads it; the mean over all gated units
+keeps ``info_weight`` meaningful whatever the model's size), re-measures the BatchNorm
+statistics with noise-free gates (the gates' training noise would otherwise stay in them),
+validates, keeps the best checkpoint and, every ``evolve_every`` epochs, evolves the structure:
 
 * **adaptive entropy threshold**: ``threshold_t = entropy_threshold * min(1, t / ramp) *
   feedback``; the ramp (half of the epochs) lets gates learn before anything is removed; the
   feedback halves after a rolled-back change and recovers by 25% after each kept one;
-* **pruning**: the units whose gate passes less than ``threshold_t`` nats are removed for real
-  (``narrow``), at most ``max_prune_fraction`` of a layer at a time and never its last unit;
+* **pruning**: a residual block all of whose gates pass less than ``threshold_t`` nats is
+  replaced by its shortcut (``remove_block``); elsewhere the units whose gate passes less than
+  ``threshold_t`` are removed for real (``narrow``), at most ``max_prune_fraction`` of a layer
+  at a time and never its last unit;
 * **expansion** (``expand=True``): where the analysis finds information lost, the facade's
   ``expand_layers`` grows the network (function-preserving);
 * **rollback**: if the validation metric then drops by more than ``rollback_threshold``, the
@@ -35,7 +38,7 @@ from torch import nn
 
 from neuroexapt.errors import AnalysisError, ConfigError, NeuroExaptError
 from neuroexapt.graph import trace
-from neuroexapt.ops import narrow, save
+from neuroexapt.ops import narrow, remove_block, save
 from neuroexapt.ops.edit import count_parameters
 from neuroexapt.policy.rollback import Snapshot
 from neuroexapt.train.bottleneck import InformationBottleneck
@@ -247,8 +250,9 @@ class Trainer:
                 ) -> tuple[tuple[Snapshot, float] | None, int]:
         assert self.ib is not None
         limit = self.threshold(epoch, epochs)
-        chosen = {}
         info = self.ib.unit_information()
+        blocks = _silent_blocks(info, limit) if limit > 0 else []
+        chosen = {}
         # a threshold of 0 nats selects nothing (no unit passes less than 0 nats)
         for layer, units in (self.ib.prunable(limit) if limit > 0 else {}).items():
             cap = int(self.max_prune_fraction * info[layer].numel())
@@ -256,13 +260,27 @@ class Trainer:
                 order = sorted(units, key=lambda u: float(info[layer][u]))
                 chosen[layer] = order[: min(cap, info[layer].numel() - 1)]
         chosen = {k: v for k, v in chosen.items() if v}
-        if not chosen and not self.expand:
+        if not chosen and not blocks and not self.expand:
             return None, 0
         self._absorb()
         snapshot = Snapshot.take(self.model, self.optimizer)
         example = _head(val[0][0])
         removed = 0
+        gone: list[str] = []  # blocks removed; deepest first, so a residual block inside a
+        for block in blocks:  # silent container is tried before the container
+            if any(block.startswith(b + ".") for b in gone):
+                continue
+            try:
+                remove_block(self.model, block, example_inputs=example, optimizer=self.optimizer)
+                gone.append(block)
+                removed += sum(info[n].numel() for n in info if n.startswith(block + "."))
+                logger.info("epoch %d: removed block '%s' (every gate inside passes < %.3f "
+                            "nats)", epoch, block, limit)
+            except NeuroExaptError as e:
+                logger.info("epoch %d: block '%s' kept: %s", epoch, block, e)
         for layer, units in chosen.items():
+            if any(layer.startswith(b + ".") for b in gone):
+                continue
             try:
                 narrow(self.model, layer, remove=units, example_inputs=example,
                        optimizer=self.optimizer)
@@ -341,6 +359,23 @@ def _norm_after(model: nn.Module, graph: Any, name: str) -> str | None:
             len(graph.calls.get(target, [])) == 1:
         return target
     return None
+
+
+def _silent_blocks(info: dict[str, torch.Tensor], limit: float) -> list[str]:
+    """Modules whose every gated layer passes less than ``limit`` nats in every unit, deepest
+    first.
+
+    These are the candidates for :func:`neuroexapt.remove_block`, which refuses (and the module
+    is kept) unless the module is a residual block.
+    """
+    members: dict[str, list[str]] = {}
+    for layer in info:
+        parts = layer.split(".")
+        for k in range(1, len(parts)):
+            members.setdefault(".".join(parts[:k]), []).append(layer)
+    return sorted((b for b, layers in members.items()
+                   if all(float(info[n].max()) < limit for n in layers)),
+                  key=lambda b: -b.count("."))
 
 
 def _args(x: Any) -> tuple[Any, ...]:

@@ -84,3 +84,34 @@ def test_recalibration_measures_noise_free_statistics_and_keeps_momentum() -> No
 def test_recalibrate_batches_is_validated() -> None:
     with pytest.raises(ConfigError, match="recalibrate_batches"):
         neuroexapt.Trainer(DigitsCNN(width=4), recalibrate_batches=-1)
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_a_residual_block_whose_gates_all_pass_nothing_is_removed() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), _Block(8), _Block(8), nn.Linear(8, 3))
+    x = torch.randn(32, 4)
+    val = [(x, torch.randint(0, 3, (32,)))]
+    trainer = neuroexapt.Trainer(model, info_weight=0.1, entropy_threshold=1.0, progress=False)
+    trainer._gate(x[:8])
+    assert trainer.ib is not None
+    assert set(trainer.ib.layers) == {"0", "1.fc1", "1.fc2", "2.fc1", "2.fc2"}
+    with torch.no_grad():  # block 2 passes no information; the rest keeps 4.5 nats per unit
+        trainer.ib.log_sigma2["2/fc1"].fill_(12.0)
+        trainer.ib.log_sigma2["2/fc2"].fill_(12.0)
+    before = sum(p.numel() for p in model.parameters())
+    pending, removed = trainer._evolve(3, 4, val, 0.5)  # threshold 1.0 nats at epoch 3 of 4
+    assert pending is not None and removed == 16
+    assert not any(n.startswith("2.") for n, _ in model.named_parameters())
+    assert sum(p.numel() for p in model.parameters()) == before - 2 * (8 * 8 + 8)
+    assert [r.op for r in neuroexapt.get_history(model)] == ["remove_block"]
+    assert model[1].fc1.out_features == 8  # the informative block is untouched
+    assert model(x).shape == (32, 3)
