@@ -10,6 +10,8 @@ validates, keeps the best checkpoint and, every ``evolve_every`` epochs, evolves
 * **adaptive entropy threshold**: ``threshold_t = entropy_threshold * min(1, t / ramp) *
   feedback``; the ramp (half of the epochs) lets gates learn before anything is removed; the
   feedback halves after a rolled-back change and recovers by 25% after each kept one;
+* **task complexity**: a layer never loses units below a total gate capacity of H(Y), the
+  label entropy measured on the validation targets (classification);
 * **pruning**: a residual block all of whose gates pass less than ``threshold_t`` nats is
   replaced by its shortcut (``remove_block``); elsewhere the units whose gate passes less than
   ``threshold_t`` are removed for real (``narrow``), at most ``max_prune_fraction`` of a layer
@@ -38,6 +40,7 @@ from torch import nn
 
 from neuroexapt.errors import AnalysisError, ConfigError, NeuroExaptError
 from neuroexapt.graph import trace
+from neuroexapt.metrics.estimators import label_entropy
 from neuroexapt.ops import narrow, remove_block, save
 from neuroexapt.ops.edit import count_parameters
 from neuroexapt.policy.rollback import Snapshot
@@ -118,6 +121,7 @@ class Trainer:
         self.recalibrate_batches = recalibrate_batches
         self.feedback = 1.0
         self.ib: InformationBottleneck | None = None
+        self.label_entropy: float | None = None  # H(Y) of the validation targets, nats
         self._gate_opt: torch.optim.Optimizer | None = None
         self.history: dict[str, list[float]] = {
             k: [] for k in ("train_loss", "val_loss", "val_metric", "parameters", "threshold",
@@ -159,6 +163,8 @@ class Trainer:
         if not val:
             raise AnalysisError("val_loader yielded no batch; pass a loader with data")
         self._gate(_head(val[0][0]))
+        self.label_entropy = (label_entropy(torch.cat([y for _, y in val]).cpu())
+                              if self.ne.task_type == "classification" else None)
         best, pending = -math.inf, None
         bar = _bar(range(1, epochs + 1), self.progress)
         for epoch in bar:
@@ -258,7 +264,8 @@ class Trainer:
             cap = int(self.max_prune_fraction * info[layer].numel())
             if units and cap:
                 order = sorted(units, key=lambda u: float(info[layer][u]))
-                chosen[layer] = order[: min(cap, info[layer].numel() - 1)]
+                chosen[layer] = self._keep_capacity(
+                    info[layer], order[: min(cap, info[layer].numel() - 1)], layer)
         chosen = {k: v for k, v in chosen.items() if v}
         if not chosen and not blocks and not self.expand:
             return None, 0
@@ -297,6 +304,28 @@ class Trainer:
                 logger.info("epoch %d: expansion skipped: %s", epoch, e)
         self._gate(example)
         return (snapshot, metric), removed
+
+    def _keep_capacity(self, info: torch.Tensor, order: list[int], layer: str) -> list[int]:
+        """``order`` cut so that the layer keeps a total gate capacity of at least H(Y).
+
+        A layer's units are parallel Gaussian channels whose capacities (the gate information,
+        nats) add up; by the data-processing inequality the layer passes at most that much
+        information about the target, so it must keep at least the label entropy H(Y), the
+        task's complexity measured on the validation targets (classification only).
+        """
+        if self.label_entropy is None:
+            return order
+        left = float(info.sum())
+        kept: list[int] = []
+        for unit in order:  # least informative first
+            if left - float(info[unit]) < self.label_entropy:
+                logger.info("'%s' keeps %d candidate units: its remaining gate capacity "
+                            "%.3f nats must stay >= H(Y) = %.3f nats", layer,
+                            len(order) - len(kept), left, self.label_entropy)
+                break
+            left -= float(info[unit])
+            kept.append(unit)
+        return kept
 
     def _maybe_rollback(self, pending: tuple[Snapshot, float] | None, metric: float,
                         val: list[Batch]) -> None:

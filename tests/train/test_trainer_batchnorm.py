@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +117,22 @@ def test_a_residual_block_whose_gates_all_pass_nothing_is_removed() -> None:
     assert [r.op for r in neuroexapt.get_history(model)] == ["remove_block"]
     assert model[1].fc1.out_features == 8  # the informative block is untouched
     assert model(x).shape == (32, 3)
+
+
+def test_a_layer_keeps_gate_capacity_of_at_least_the_label_entropy() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(60, 4)
+    val = [(x, torch.arange(60) % 3)]  # balanced: H(Y) = log 3 = 1.0986 nats
+    trainer = neuroexapt.Trainer(model, info_weight=0.1, entropy_threshold=1.0,
+                                 max_prune_fraction=1.0, progress=False)
+    trainer._gate(x[:8])
+    trainer.label_entropy = 1.0986
+    assert trainer.ib is not None
+    with torch.no_grad():  # every unit passes 0.5 nats: all are below the 1.0 threshold
+        mu = trainer.ib.mu["0"]
+        trainer.ib.log_sigma2["0"].copy_(torch.log(mu.square() / (math.exp(1.0) - 1)))
+    assert torch.allclose(trainer.ib.unit_information()["0"], torch.full((8,), 0.5))
+    _, removed = trainer._evolve(3, 4, val, 0.5)
+    # without the bound 7 units would go; 3 units keep 1.5 >= 1.0986 nats, 2 would keep 1.0
+    assert removed == 5 and model[0].out_features == 3
