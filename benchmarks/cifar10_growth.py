@@ -88,12 +88,26 @@ from neuroexapt.metrics import count_macs
 
 try:
     from benchmarks.analysis_overhead import LoadMeter, save_json
-    from benchmarks.common import augment, conv_widths, params, vgg_cnn
+    from benchmarks.common import (
+        augment,
+        conv_widths,
+        cosine_schedule,
+        evaluate,
+        params,
+        vgg_cnn,
+    )
     from benchmarks.data import load_cifar10
     from benchmarks.machine import machine
 except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
     from analysis_overhead import LoadMeter, save_json  # type: ignore[no-redef]
-    from common import augment, conv_widths, params, vgg_cnn  # type: ignore[no-redef]
+    from common import (  # type: ignore[no-redef]
+        augment,
+        conv_widths,
+        cosine_schedule,
+        evaluate,
+        params,
+        vgg_cnn,
+    )
     from data import load_cifar10  # type: ignore[no-redef]
     from machine import machine  # type: ignore[no-redef]
 
@@ -101,7 +115,6 @@ ARMS = ("small", "large", "dnm")
 ACC_GAIN_GOAL = 2.0  # points above the fixed small CNN
 ACC_GAP_GOAL = 0.5  # at most this many points below the fixed large CNN
 TIME_GOAL = 0.70  # at most this fraction of the large CNN's wall time
-EVAL_BATCH = 500
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"subset": 256, "val": 64, "epochs": 2, "seeds": 1},
@@ -138,18 +151,6 @@ def cnn(width: int, classes: int = 10) -> nn.Sequential:
     return vgg_cnn(width, classes, pool_last=True)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in %) in eval mode, without augmentation."""
-    model.eval()
-    loss, hits = 0.0, 0
-    for i in range(0, len(y), EVAL_BATCH):
-        out = model(x[i:i + EVAL_BATCH])
-        loss += float(F.cross_entropy(out, y[i:i + EVAL_BATCH], reduction="sum"))
-        hits += int((out.argmax(1) == y[i:i + EVAL_BATCH]).sum())
-    return loss / len(y), 100.0 * hits / len(y)
-
-
 # --------------------------------------------------------------------------- one arm
 
 
@@ -177,10 +178,7 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, steps: int
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
-    def cosine(step: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+    return opt, cosine_schedule(opt, steps)
 
 
 def train_epoch(arm: Arm, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float]:

@@ -30,7 +30,6 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -43,13 +42,21 @@ from torch import nn
 import neuroexapt
 
 try:
-    from benchmarks.common import Batches, accuracy, paired_latency, params, vgg_cnn
+    from benchmarks.common import (
+        Batches,
+        accuracy,
+        cosine_schedule,
+        paired_latency,
+        params,
+        vgg_cnn,
+    )
     from benchmarks.data import load_cifar10
     from benchmarks.machine import machine
 except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
     from common import (  # type: ignore[no-redef]
         Batches,
         accuracy,
+        cosine_schedule,
         paired_latency,
         params,
         vgg_cnn,
@@ -118,9 +125,7 @@ def train(model: nn.Module, data: Batches, epochs: int, lr: float) -> float:
     """SGD + cosine schedule for ``epochs``; returns the wall seconds."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
                           nesterov=True)
-    steps = max(1, epochs * len(data))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = cosine_schedule(opt, max(1, epochs * len(data)))
     start = time.perf_counter()
     for _ in range(epochs):
         model.train()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -9,8 +10,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Batches", "accuracy", "augment", "conv_widths", "paired_latency", "params",
-           "vgg_cnn"]
+__all__ = ["Batches", "accuracy", "augment", "conv_widths", "cosine_schedule", "evaluate",
+           "paired_latency", "params", "vgg_cnn"]
 
 
 def vgg_cnn(width: int, classes: int = 10, *, pool_last: bool = True,
@@ -80,12 +81,28 @@ class Batches:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy in percent, in eval mode, in chunks of 500."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 500
+             ) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy in percent) in eval mode, in chunks of ``chunk``."""
     model.eval()
-    hits = sum(int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum())
-               for i in range(0, len(y), 500))
-    return 100.0 * hits / len(y)
+    loss, hits = 0.0, 0
+    for i in range(0, len(y), chunk):
+        out = model(x[i:i + chunk])
+        loss += float(nn.functional.cross_entropy(out, y[i:i + chunk], reduction="sum"))
+        hits += int((out.argmax(1) == y[i:i + chunk]).sum())
+    return loss / len(y), 100.0 * hits / len(y)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in percent (see :func:`evaluate`)."""
+    return evaluate(model, x, y)[1]
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay of the learning rate from its value to 0 over ``steps`` scheduler steps."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps)))
 
 
 def params(model: nn.Module) -> int:

@@ -46,13 +46,13 @@ from neuroexapt.core import DNMFramework
 try:
     from benchmarks import edit_latency
     from benchmarks.analysis_overhead import VGGSmall
-    from benchmarks.common import Batches, accuracy, params
+    from benchmarks.common import Batches, accuracy, evaluate, params
     from benchmarks.data import load_cifar10
     from benchmarks.machine import machine
 except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
     import edit_latency  # type: ignore[no-redef]
     from analysis_overhead import VGGSmall  # type: ignore[no-redef]
-    from common import Batches, accuracy, params  # type: ignore[no-redef]
+    from common import Batches, accuracy, evaluate, params  # type: ignore[no-redef]
     from data import load_cifar10  # type: ignore[no-redef]
     from machine import machine  # type: ignore[no-redef]
 
@@ -80,34 +80,21 @@ def _epoch(model: nn.Module, opt: torch.optim.Optimizer, batches: Batches) -> tu
     return total / count, hits / count
 
 
-@torch.no_grad()
-def _validate(model: nn.Module, val: list[tuple[torch.Tensor, torch.Tensor]]
-              ) -> tuple[float, float]:
-    model.eval()
-    loss = hits = count = 0.0
-    for x, y in val:
-        out = model(x)
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        hits += float((out.argmax(1) == y).sum())
-        count += len(y)
-    return loss / count, hits / count
-
-
 def run_plain(init: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, Any]:
     model = copy.deepcopy(init)
     opt = _sgd(model, args.lr)
-    train, val = Batches(data[0], data[1], args.batch, args.seed), _val(data, args)
+    train = Batches(data[0], data[1], args.batch, args.seed)
     start = time.perf_counter()
     for _ in range(args.epochs):
         _epoch(model, opt, train)
-        _validate(model, val)
+        evaluate(model, *_val(data, args))
     return {"wall_s": time.perf_counter() - start, "model": model}
 
 
 def run_dnm(init: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, Any]:
     model = copy.deepcopy(init)
     opt = _sgd(model, args.lr)
-    train, val = Batches(data[0], data[1], args.batch, args.seed), _val(data, args)
+    train = Batches(data[0], data[1], args.batch, args.seed)
     dnm = DNMFramework(model, {"morphogenesis_interval": 1, "max_morphogenesis_per_epoch": 1,
                                "max_architecture_changes": args.epochs},
                        optimizer=opt, seed=args.seed,
@@ -117,7 +104,8 @@ def run_dnm(init: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, 
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         train_loss, train_acc = _epoch(model, opt, train)
-        val_loss, val_acc = _validate(model, val)
+        val_loss, val_pct = evaluate(model, *_val(data, args))
+        val_acc = val_pct / 100.0
         t0 = time.perf_counter()
         dnm.update_caches()
         dnm.record_performance(val_acc)
@@ -138,16 +126,18 @@ def run_trainer(init: nn.Module, data: Data, args: argparse.Namespace) -> dict[s
     trainer = neuroexapt.Trainer(model, info_weight=0.1, entropy_threshold=0.0, optimizer=opt,
                                  lr=args.lr, progress=False)
     start = time.perf_counter()
-    trainer.fit(Batches(data[0], data[1], args.batch, args.seed), _val(data, args), args.epochs)
+    x, y = _val(data, args)
+    val = [(x[i:i + 500], y[i:i + 500]) for i in range(0, len(y), 500)]
+    trainer.fit(Batches(data[0], data[1], args.batch, args.seed), val, args.epochs)
     return {"wall_s": time.perf_counter() - start, "model": trainer.model}
 
 
 RUNNERS = {"plain": run_plain, "dnm": run_dnm, "trainer": run_trainer}
 
 
-def _val(data: Data, args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = data[2][:args.val], data[3][:args.val]
-    return [(x[i:i + 500], y[i:i + 500]) for i in range(0, len(y), 500)]
+def _val(data: Data, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``--val`` test images and labels, used for validation."""
+    return data[2][:args.val], data[3][:args.val]
 
 
 def measure(data: Data, args: argparse.Namespace) -> dict[str, Any]:

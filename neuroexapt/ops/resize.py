@@ -12,13 +12,21 @@ from torch import nn
 
 from neuroexapt.errors import ConfigError, SurgeryError
 from neuroexapt.graph import Group, UnitPlan, resolve_layer, trace
+from neuroexapt.graph.groups import Member
 from neuroexapt.ops.apply import apply_plan
 from neuroexapt.ops.edit import require_resizable, run_edit
 from neuroexapt.ops.history import EditRecord, inputs_for
 
-__all__ = ["narrow", "unit_norms", "widen"]
+__all__ = ["narrow", "unit_entries", "unit_norms", "widen"]
 
 Strategy = Literal["split", "zero"]
+
+
+def unit_entries(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """``t`` -> ``[size, rest]``: the entries of each of the group's units along the member's
+    dim (its ``offset`` and ``block`` applied)."""
+    part = t.narrow(member.dim, member.offset, size * member.block).movedim(member.dim, 0)
+    return part.reshape(size, -1)
 
 
 def unit_norms(model: nn.Module, group: Group) -> torch.Tensor:
@@ -29,8 +37,7 @@ def unit_norms(model: nn.Module, group: Group) -> torch.Tensor:
             continue
         owner = model.get_submodule(m.module) if m.module else model
         t = getattr(owner, m.tensor).detach().double()
-        t = t.narrow(m.dim, m.offset, group.size * m.block).movedim(m.dim, 0)
-        total += t.reshape(group.size, -1).pow(2).sum(1).cpu()
+        total += unit_entries(t, m, group.size).pow(2).sum(1).cpu()
     return total
 
 

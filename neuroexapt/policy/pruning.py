@@ -44,6 +44,7 @@ from neuroexapt.graph.groups import Group, Member
 from neuroexapt.metrics.cost import count_macs
 from neuroexapt.ops import EditRecord, narrow
 from neuroexapt.ops.edit import count_parameters
+from neuroexapt.ops.resize import unit_entries, unit_norms
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
     positions = _positions(model, example)
     costs = {g.id: _unit_cost(model, g, by, positions) for g in groups}
     scores = (_information(model, groups, probe, loss_fn) if score == "information"
-              else {g.id: _norms(model, g) for g in groups})
+              else {g.id: unit_norms(model, g).sqrt() for g in groups})
     # the estimate of what a unit saves is scaled so that the estimates add up to the total
     scale = current / max(1.0, _estimated_total(model, by, positions))
     ranked = sorted((float(scores[g.id][u]) / max(float(costs[g.id][u]), 1e-12), g.id, u)
@@ -195,12 +196,6 @@ def _tensor(model: nn.Module, member: Member) -> torch.Tensor | None:
     owner = model.get_submodule(member.module) if member.module else model
     value = getattr(owner, member.tensor, None) if member.tensor else None
     return value if isinstance(value, torch.Tensor) else None
-
-
-def _per_unit(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:
-    """``t`` [..] -> [size, rest]: the entries of each unit along the member's dim."""
-    part = t.narrow(member.dim, member.offset, size * member.block).movedim(member.dim, 0)
-    return part.reshape(size, -1)
 
 
 def _positions(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, float]:
@@ -252,15 +247,6 @@ def _estimated_total(model: nn.Module, by: str, positions: dict[str, float]) -> 
     return sum(model.get_submodule(n).weight.numel() * p for n, p in positions.items())
 
 
-def _norms(model: nn.Module, group: Group) -> torch.Tensor:
-    total = torch.zeros(group.size, dtype=torch.float64)
-    for m in group.members:
-        t = _tensor(model, m)
-        if m.role == "out" and isinstance(t, nn.Parameter):
-            total += _per_unit(t.detach().double(), m, group.size).pow(2).sum(1).cpu()
-    return total.sqrt()
-
-
 def _information(model: nn.Module, groups: list[Group], probe: list[Batch],
                  loss_fn: LossFn) -> dict[int, torch.Tensor]:
     """RMS over batches of the first-order loss change (nats) of removing each unit."""
@@ -291,7 +277,7 @@ def _information(model: nn.Module, groups: list[Group], probe: list[Batch],
                     if t is None or t.grad is None:
                         continue
                     prod = (t.detach() * t.grad).double()
-                    change += _per_unit(prod, m, g.size).sum(1).cpu()
+                    change += unit_entries(prod, m, g.size).sum(1).cpu()
                 squares[g.id] += change.square()
     finally:
         for p, grad in zip(params, saved, strict=True):
