@@ -194,15 +194,26 @@ class InformationBottleneck(nn.Module):
         if self._absorbed:
             raise ConfigError("the gates were already absorbed; folding mu twice would "
                               "scale the layers again")
-        for name, module in self._targets.items():
-            mu = self.mu[_key(name)]
-            weight: Tensor = module.weight
-            weight.mul_(mu.view(-1, *[1] * (weight.ndim - 1)))
-            if module.bias is not None:
-                module.bias.mul_(mu)
+        self.fold_into(None)
         self._absorbed = True
         self.remove()
         logger.debug("absorbed gates of %s", ", ".join(self.layers))
+
+    @torch.no_grad()
+    def fold_into(self, model: nn.Module | None) -> None:
+        """Scale each gated layer's output rows (weight and bias) by ``mu``.
+
+        ``model=None`` folds into the gated model itself (as :meth:`absorb` does, which also
+        removes the hooks); a copy of the gated model (``copy.deepcopy``) is folded by name,
+        leaving the gated model and its gates as they are.
+        """
+        for name, module in self._targets.items():
+            target = module if model is None else model.get_submodule(name)
+            mu = self.mu[_key(name)]
+            weight: Tensor = target.weight
+            weight.mul_(mu.view(-1, *[1] * (weight.ndim - 1)))
+            if target.bias is not None:
+                target.bias.mul_(mu)
 
     @contextlib.contextmanager
     def deterministic(self) -> Iterator[None]:

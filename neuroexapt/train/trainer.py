@@ -348,12 +348,7 @@ class Trainer:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         plain = copy.deepcopy(self.model)
         if self.ib is not None:  # fold the gates' eval-mode scale into the copy
-            with torch.no_grad():
-                for name, mu in zip(self.ib.layers, self.ib.mu.values(), strict=True):
-                    module = plain.get_submodule(name)
-                    module.weight.mul_(mu.view(-1, *[1] * (module.weight.ndim - 1)))
-                    if module.bias is not None:
-                        module.bias.mul_(mu)
+            self.ib.fold_into(plain)
             plain._forward_hooks.clear()
             for module in plain.modules():
                 module._forward_hooks.clear()
