@@ -32,7 +32,7 @@ from neuroexapt.train.digits import DigitsCNN
 logger = logging.getLogger("dnm_advanced_config")
 
 
-def advanced_config(strategy: str = "hybrid") -> dict[str, Any]:
+def advanced_config(strategy: str = "hybrid", epochs: int = 24) -> dict[str, Any]:
     """The configuration dict: the document's keys, then this implementation's."""
     document = {
         # --- trigger control
@@ -79,7 +79,7 @@ def advanced_config(strategy: str = "hybrid") -> dict[str, Any]:
         "plateau_window": 3,
         # Refuse changes that would take the model above this many parameters (None: no limit).
         "max_parameters": 200_000,
-        # Probe batches analysed by each update_caches() call.
+        # Probe batches analysed by each update_caches() call (when a probe= is given).
         "analysis_batches": 4,
         # Insert an identity-initialised layer when a bottleneck cannot be split.
         "allow_deepen": True,
@@ -87,6 +87,28 @@ def advanced_config(strategy: str = "hybrid") -> dict[str, Any]:
         "allow_connections": True,
         # Trigger on bottleneck evidence alone, without waiting for a plateau.
         "trigger_on_bottleneck": False,
+        # --- growth policy: a budget spent early, where units buy the most per cost
+        # The cost the grown model may reach: an absolute count, or a ratio of the start.
+        "growth_budget": "3x",
+        # What the budget and the ranking of layers count: "macs" (per forward) or
+        # "parameters".
+        "growth_cost": "macs",
+        # Fraction of the run by which the budget is spent, in growth_steps equal steps.
+        "growth_by": 0.5,
+        "growth_steps": 4,
+        # Epochs of the whole run (the schedule needs it).
+        "total_epochs": epochs,
+        # How new units start: "gradmax" (fan-in along the loss gradient's top directions,
+        # fan-out zero), "orthogonal" (random fan-in orthogonal to the existing units) or
+        # "split" (Net2Net copies separated by the noise above).
+        "growth_init": "gradmax",
+        # Learning-rate factor for the new units' weights, for new_unit_lr_epochs epochs.
+        "new_unit_lr_scale": 1.0,
+        "new_unit_lr_epochs": 3,
+        # Every record_every-th training batch is recorded by the framework's own hooks.
+        "record_every": 10,
+        # Grown widths are rounded to multiples of this (fast CPU kernels).
+        "growth_multiple": 8,
     }
     return {**document, **implementation}
 
@@ -148,12 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     x_tr, y_tr, x_te, y_te = load_digits(args.seed, args.subset)
     val = min(200, len(y_tr) // 5)
     x_tr, y_tr, x_val, y_val = x_tr[val:], y_tr[val:], x_tr[:val], y_tr[:val]
-    probe = [(x_val[i:i + 64], y_val[i:i + 64]) for i in range(0, len(y_val), 64)]
 
     model = DigitsCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     params_before = sum(p.numel() for p in model.parameters())
-    dnm = DNMFramework(model, advanced_config(args.strategy), optimizer=optimizer, probe=probe,
+    # as the design document writes it: the framework records its statistics from the
+    # training batches and finds the optimizer by itself
+    dnm = DNMFramework(model, advanced_config(args.strategy, args.epochs),
                        events_path=args.events, seed=args.seed)
 
     gen = torch.Generator().manual_seed(args.seed)

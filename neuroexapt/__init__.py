@@ -2,7 +2,8 @@
 
 The core API edits a live PyTorch model in place, keeping its function and its optimizer's
 state: :func:`widen`, :func:`narrow`, :func:`deepen`, :func:`add_skip`, :func:`remove_block`,
-built on :func:`trace`, which finds the groups of tensor dimensions that must change together.
+built on :func:`trace`, which finds the groups of tensor dimensions that must change together
+(:func:`graph_cache` reuses one trace while the model does not change).
 """
 
 import logging
@@ -13,6 +14,7 @@ from neuroexapt.graph import (
     ModelGraph,
     PerUnitHandler,
     ProducerHandler,
+    graph_cache,
     list_handlers,
     mark_leaf,
     register_handler,
@@ -57,6 +59,7 @@ __all__ = [
     "deepen",
     "errors",
     "get_history",
+    "graph_cache",
     "list_handlers",
     "load",
     "mark_leaf",

@@ -182,7 +182,7 @@ def test_dnm_advanced_config_prints_events_and_config(example, capsys) -> None:
     printed = capsys.readouterr().out
     assert "events:" in printed and "kind" in printed
     shown = json.loads(printed.split("configuration (dnm.config.to_dict()):\n")[1])
-    assert shown == adv.advanced_config("activation_based")
+    assert shown == adv.advanced_config("activation_based", 2)
 
 
 def test_neuroexapt_quickstart_runs(example, capsys) -> None:

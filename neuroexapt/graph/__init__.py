@@ -1,6 +1,7 @@
 """Tracing models into groups of coupled dimensions (built on torch.fx)."""
 
 from neuroexapt.graph.builtin import register_builtin_handlers
+from neuroexapt.graph.cache import graph_cache, invalidate
 from neuroexapt.graph.groups import Group, Member
 from neuroexapt.graph.handlers import (
     ElementwiseHandler,
@@ -31,6 +32,8 @@ __all__ = [
     "TensorUpdate",
     "UnitPlan",
     "get_handler",
+    "graph_cache",
+    "invalidate",
     "list_handlers",
     "mark_leaf",
     "register_handler",

@@ -40,6 +40,7 @@ __all__ = [
     "list_handlers",
     "mark_leaf",
     "register_handler",
+    "registry_version",
 ]
 
 
@@ -204,6 +205,17 @@ class ProducerHandler(ModuleHandler):
 
 _REGISTRY: dict[type[nn.Module], ModuleHandler] = {}
 _LEAVES: set[type[nn.Module]] = set()
+_version = 0  # bumped on every change of the registries: cached traces depend on them
+
+
+def registry_version() -> int:
+    """A number that changes whenever a handler is registered or a type is marked as a leaf."""
+    return _version
+
+
+def _bump() -> None:
+    global _version
+    _version += 1
 
 
 def register_handler(module_type: type[nn.Module], handler: ModuleHandler) -> None:
@@ -219,6 +231,7 @@ def register_handler(module_type: type[nn.Module], handler: ModuleHandler) -> No
             "use ElementwiseHandler, PerUnitHandler, ProducerHandler or a subclass"
         )
     _REGISTRY[module_type] = handler
+    _bump()
     logger.debug("registered handler %s for %s", type(handler).__name__, module_type.__name__)
 
 
@@ -244,6 +257,7 @@ def mark_leaf(module_type: type[nn.Module]) -> None:
     if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
         raise ConfigError(f"mark_leaf expects an nn.Module subclass, got {module_type!r}")
     _LEAVES.add(module_type)
+    _bump()
 
 
 def is_registered_leaf(module: nn.Module) -> bool:

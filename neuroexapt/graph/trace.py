@@ -14,6 +14,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from neuroexapt.errors import LayerNotFoundError, TraceError, UnsupportedModuleError
+from neuroexapt.graph.cache import cache_key, lookup, store
 from neuroexapt.graph.context import BuildContext, NodeLayout
 from neuroexapt.graph.groups import Group
 from neuroexapt.graph.handlers import get_handler, is_registered_leaf
@@ -49,6 +50,9 @@ class _Tracer(fx.Tracer):
 class ModelGraph:
     """A traced model with the layout of every tensor and its groups of coupled dimensions.
 
+    Read-only: inside :func:`~neuroexapt.graph.graph_cache` one graph is shared by every
+    caller that traces the unchanged model.
+
     Example:
         >>> g = neuroexapt.trace(model, (torch.randn(2, 3, 32, 32),))
         >>> g.group_of("features.0")  # the channels produced by the first conv
@@ -64,10 +68,11 @@ class ModelGraph:
         self.groups = groups
         self.layouts = layouts
         self.unsupported = unsupported
-        self.calls: dict[str, list[fx.Node]] = defaultdict(list)
+        calls: dict[str, list[fx.Node]] = defaultdict(list)
         for node in graph.nodes:
             if node.op == "call_module":
-                self.calls[str(node.target)].append(node)
+                calls[str(node.target)].append(node)
+        self.calls = dict(calls)  # a plain dict: reading an unknown layer adds no entry
 
     def node_of(self, layer: str) -> fx.Node:
         """The single ``call_module`` node of ``layer``; refuses layers called 0 or 2+ times."""
@@ -173,7 +178,8 @@ def trace(
             (``neuroexapt.register_handler``) for the groups they touch to be resizable.
 
     Returns:
-        The :class:`ModelGraph`.
+        The :class:`ModelGraph`; inside :func:`~neuroexapt.graph.graph_cache`, the one already
+        built when the model, the inputs' shapes and ``leaf_modules`` are unchanged.
 
     Raises:
         TraceError: torch.fx cannot trace the model, or it fails on ``example_inputs``.
@@ -181,6 +187,20 @@ def trace(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
         example_inputs
     )
+    leaf_modules = tuple(leaf_modules)  # read twice below: by the key and by the tracer
+    key = cache_key(model, inputs, leaf_modules)
+    graph = lookup(model, key) if key is not None else None
+    if graph is None:
+        graph = _trace(model, inputs, leaf_modules)
+        if key is not None:
+            store(model, key, graph)
+    return graph
+
+
+def _trace(
+    model: nn.Module, inputs: tuple[Any, ...], leaf_modules: Sequence[type[nn.Module] | str]
+) -> ModelGraph:
+    """Trace with torch.fx, propagate shapes and build the groups (no cache)."""
     tracer = _Tracer(leaf_modules)
     try:
         graph = tracer.trace(model)

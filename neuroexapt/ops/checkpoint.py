@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -30,21 +30,54 @@ _FORMAT = "neuroexapt-checkpoint"
 _VERSION = 1
 
 
-class Checkpoint(NamedTuple):
-    """What :func:`load` returns: the rebuilt model and its optimizer (or None)."""
+class Checkpoint:
+    """What :func:`load` returns: the rebuilt model, its optimizer (or None), policy state.
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer | None
+    It unpacks as ``model, optimizer = load(...)``; ``policy_state`` is the state a policy
+    gave :func:`save` (``DNMFramework.state_dict()``), or None, for its ``load_state_dict``.
+    """
+
+    __slots__ = ("model", "optimizer", "policy_state")
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 policy_state: dict[str, Any] | None = None) -> None:
+        self.model, self.optimizer, self.policy_state = model, optimizer, policy_state
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.optimizer))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.model, self.optimizer)[index]
+
+    def __repr__(self) -> str:
+        return (f"Checkpoint(model={type(self.model).__name__}, optimizer="
+                f"{type(self.optimizer).__name__ if self.optimizer else None}, policy_state="
+                f"{'set' if self.policy_state is not None else None})")
+
+
+class _Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
 
 
 def save(model: nn.Module, path: str | os.PathLike[str],
-         optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write ``model`` (history and weights) and optionally its optimizer to ``path`` atomically."""
+         optimizer: torch.optim.Optimizer | None = None, *,
+         policy: _Stateful | None = None) -> None:
+    """Write ``model`` (history and weights) and optionally its optimizer to ``path`` atomically.
+
+    ``policy`` (a :class:`~neuroexapt.core.DNMFramework`, or anything with ``state_dict()`` of
+    plain data and tensors) is stored too, so that a resumed run neither repeats nor forgets
+    its changes: ``load(...).policy_state`` gives it back.
+    """
     payload: dict[str, Any] = {
         "format": _FORMAT, "version": _VERSION,
         "history": [r.to_dict() for r in get_history(model)],
         "state_dict": model.state_dict(),
     }
+    if policy is not None:
+        payload["policy"] = policy.state_dict()
     if optimizer is not None:
         try:
             payload["optimizer"] = named_state(model, optimizer)
@@ -109,7 +142,9 @@ def load(
             then loaded from the checkpoint.
 
     Returns:
-        ``Checkpoint(model, optimizer)``.
+        a :class:`Checkpoint`: it unpacks as ``model, optimizer``; its ``policy_state`` is the
+        state saved with ``save(..., policy=...)`` (None without), for the policy's
+        ``load_state_dict``.
     """
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -131,4 +166,5 @@ def load(
                 load_named_state(model, optimizer, data["optimizer"])
             except NeuroExaptError as e:
                 raise CheckpointError(f"optimizer state in '{path}' does not fit: {e}") from e
-    return Checkpoint(model, optimizer)
+    policy = data.get("policy")
+    return Checkpoint(model, optimizer, policy if isinstance(policy, dict) else None)

@@ -84,7 +84,8 @@ def _single_user_module(graph: ModelGraph, node: fx.Node, kinds: tuple[type, ...
         return None
     name = str(users[0].target)
     module = graph.model.get_submodule(name)
-    return name if isinstance(module, kinds) and len(graph.calls[name]) == 1 else None
+    return name if isinstance(module, kinds) and len(graph.calls.get(name, ())) == 1 \
+        else None
 
 
 def _plan(graph: ModelGraph, name: str) -> tuple[str, list[nn.Module]]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from neuroexapt.errors import CheckpointError, ConfigError
+from neuroexapt.graph.cache import invalidate
 from neuroexapt.optim.parammap import ParamMap
 
 __all__ = ["EditRecord", "InputSpec", "get_history", "inputs_for"]
@@ -81,18 +82,23 @@ def get_history(model: nn.Module) -> list[EditRecord]:
 
 
 def append_history(model: nn.Module, record: EditRecord) -> None:
-    """Append a record (without its parameter map) to the model's history."""
+    """Append a record (without its parameter map) to the model's history.
+
+    The model changed: its cached graphs (:func:`neuroexapt.graph.graph_cache`) are dropped.
+    """
     history = list(getattr(model, _HISTORY_ATTR, []))
     stored = EditRecord(record.op, record.target, record.args, record.inputs,
                         record.params_before, record.params_after)
     history.append(stored)
     object.__setattr__(model, _HISTORY_ATTR, history)
     object.__setattr__(model, _INPUTS_ATTR, record.inputs)
+    invalidate(model)
 
 
 def set_history(model: nn.Module, history: list[EditRecord]) -> None:
     """Replace the model's history (used when restoring after a failed edit)."""
     object.__setattr__(model, _HISTORY_ATTR, list(history))
+    invalidate(model)
 
 
 def spec_of(inputs: tuple[Any, ...]) -> InputSpec:

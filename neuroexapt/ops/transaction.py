@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from neuroexapt.errors import FunctionPreservationError
+from neuroexapt.graph.cache import invalidate
 from neuroexapt.graph.trace import frozen_mode
 from neuroexapt.optim import restore, snapshot
 
@@ -28,7 +29,8 @@ _DICTS = ("_parameters", "_buffers", "_modules")
 
 @contextmanager
 def transaction(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
-    """Restore ``model`` and ``optimizer`` exactly if the body raises."""
+    """Restore ``model`` and ``optimizer`` exactly if the body raises (and drop its cached
+    graphs: the body may have traced the half-edited model)."""
     saved = []
     for module in model.modules():
         inner = {k: dict(getattr(module, k)) for k in _DICTS}
@@ -44,6 +46,7 @@ def transaction(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> It
                 target = getattr(module, key)
                 target.clear()
                 target.update(content)
+        invalidate(model)
         if optimizer is not None and opt_snap is not None:
             restore(optimizer, opt_snap)
         logger.debug("edit failed; model and optimizer restored")

@@ -46,6 +46,17 @@ class DNMConfig:
     allow_deepen: bool = True  # deepen at a bottleneck when splitting is not possible
     allow_connections: bool = True  # grow skip connections where information is lost
     trigger_on_bottleneck: bool = False  # trigger on bottleneck evidence alone, without plateau
+    # growth policy (neuroexapt.policy.growth)
+    growth_budget: int | str | None = None  # cost the grown model may reach: absolute, or "2x"
+    growth_cost: str = "macs"  # macs | parameters: what the budget and the ranking count
+    growth_by: float = 0.5  # fraction of total_epochs by which the budget is spent
+    growth_steps: int = 4  # growth steps the budget is spread over
+    total_epochs: int | None = None  # epochs of the whole run (needed with growth_budget)
+    growth_init: str = "orthogonal"  # orthogonal | gradmax | split: how new units start
+    new_unit_lr_scale: float = 1.0  # learning-rate factor of new units' entries
+    new_unit_lr_epochs: int = 3  # epochs that factor lasts
+    record_every: int = 10  # training batches between two recorded ones
+    growth_multiple: int = 8  # grown widths are multiples of this (CPU vector kernels)
 
     def __post_init__(self) -> None:
         _positive_int("morphogenesis_interval", self.morphogenesis_interval)
@@ -83,6 +94,48 @@ class DNMConfig:
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_parameters is not None:
             _positive_int("max_parameters", self.max_parameters)
+        self._check_growth()
+
+    def _check_growth(self) -> None:
+        from neuroexapt.policy.growth import GROWTH_COSTS, GROWTH_INITS
+
+        _positive_int("growth_steps", self.growth_steps)
+        _positive_int("new_unit_lr_epochs", self.new_unit_lr_epochs)
+        _positive_int("record_every", self.record_every)
+        _positive_int("growth_multiple", self.growth_multiple)
+        _fraction("growth_by", self.growth_by, open_zero=True)
+        if self.growth_cost not in GROWTH_COSTS:
+            raise ConfigError(f"growth_cost {self.growth_cost!r} is not one of "
+                              f"{', '.join(GROWTH_COSTS)}")
+        if self.growth_init not in GROWTH_INITS:
+            raise ConfigError(f"growth_init {self.growth_init!r} is not one of "
+                              f"{', '.join(GROWTH_INITS)}")
+        if not _number(self.new_unit_lr_scale) or self.new_unit_lr_scale <= 0:
+            raise ConfigError(f"new_unit_lr_scale must be a number > 0 (1 = off), got "
+                              f"{self.new_unit_lr_scale!r}")
+        if self.total_epochs is not None:
+            _positive_int("total_epochs", self.total_epochs)
+        budget = self.growth_budget
+        if budget is None:
+            return
+        growth_ratio(budget)  # validates the form
+        if self.total_epochs is None:
+            raise ConfigError("growth_budget needs total_epochs (the run's number of epochs), "
+                              "so that the budget is spent by growth_by of training; add "
+                              "'total_epochs': epochs")
+
+    def growth_target(self, current: float) -> float | None:
+        """The cost the grown model may reach, given the model's ``current`` cost."""
+        if self.growth_budget is None:
+            return None
+        ratio = growth_ratio(self.growth_budget)
+        target = current * ratio if ratio is not None else float(self.growth_budget)
+        if target < current:
+            raise ConfigError(
+                f"growth_budget={self.growth_budget!r} is below the model's current "
+                f"{current:,.0f} {self.growth_cost}: pass a larger number, or a ratio such as "
+                "'2x' (twice the current cost)")
+        return target
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any] | None) -> DNMConfig:
@@ -104,6 +157,24 @@ class DNMConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["bottleneck_detection_metrics"] = list(self.bottleneck_detection_metrics)
         return out
+
+
+def growth_ratio(budget: Any) -> float | None:
+    """The ratio of a ``"2x"`` budget, None for an absolute one; ConfigError for bad forms."""
+    if isinstance(budget, str):
+        text = budget.strip().lower()
+        try:
+            ratio = float(text[:-1]) if text.endswith("x") else math.nan
+        except ValueError:
+            ratio = math.nan
+        if not (math.isfinite(ratio) and ratio >= 1):
+            raise ConfigError(f"growth_budget {budget!r} must be a count (an int) or a ratio "
+                              "of the current cost such as '2x' (at least '1x')")
+        return ratio
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ConfigError(f"growth_budget must be a positive int (an absolute count) or a "
+                          f"ratio such as '2x', got {budget!r}")
+    return None
 
 
 def _number(v: Any) -> bool:

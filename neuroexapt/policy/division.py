@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ class _Separation:
 
     tensors: list[tuple[nn.Parameter, int, torch.Tensor, torch.Tensor]]
     epochs_left: int
+    scale: float = 0.0  # noise of one dose, relative to the weights' std
 
 
 class AdaptiveNeuronDivision:
@@ -66,10 +68,13 @@ class AdaptiveNeuronDivision:
                 return unit_scores(stats, _SCORE_KIND[self.strategy]).double().cpu()
         return unit_norms(model, group)
 
-    def choose(self, model: nn.Module, group: Group, stats: LayerStats | None) -> list[int]:
-        """The units to split: ``fraction`` of the group, equally many per segment."""
+    def choose(self, model: nn.Module, group: Group, stats: LayerStats | None,
+               count: int | None = None) -> list[int]:
+        """The units to split: ``count`` (default ``fraction`` of the group), equally many per
+        segment."""
         per = group.size // group.segments
-        k = max(1, round(self.fraction * per))
+        k = max(1, round(self.fraction * per)) if count is None else \
+            max(1, math.ceil(count / group.segments))
         scores = self.scores(model, group, stats)
         chosen: list[int] = []
         for s in range(group.segments):
@@ -79,8 +84,16 @@ class AdaptiveNeuronDivision:
 
     def divide(self, model: nn.Module, layer: str, *, stats: LayerStats | None = None,
                example_inputs: Any = None,
-               optimizer: torch.optim.Optimizer | None = None) -> EditRecord:
-        """Split the chosen units of ``layer``'s group; raises SurgeryError if impossible."""
+               optimizer: torch.optim.Optimizer | None = None,
+               count: int | None = None, epochs_left: int | None = None) -> EditRecord:
+        """Split ``count`` (default ``fraction`` of the group) chosen units of ``layer``'s
+        group; raises SurgeryError if impossible.
+
+        ``epochs_left`` is the number of :meth:`step_epoch` calls still followed by training
+        (known when the run's length is): the separation is then squeezed into them, and
+        applied at once when there is none, so that the noise always lands while training
+        goes on.
+        """
         graph = trace(model, example_inputs) if example_inputs is not None else None
         if graph is None:
             raise ConfigError("divide needs example_inputs= to trace the model")
@@ -89,14 +102,15 @@ class AdaptiveNeuronDivision:
             names = ", ".join(repr(n) for n in group.normalizers)
             raise SurgeryError(f"the units of '{layer}' are normalised together by {names}: "
                                "splitting a few of them would change the output")
-        units = self.choose(model, group, stats)
+        units = self.choose(model, group, stats, count)
         plan = split_plan(group, units, "split", 0.0)
         record = widen(model, layer, len(units), units=units, example_inputs=example_inputs,
                        optimizer=optimizer, verify=True)
-        self._schedule(model, layer, example_inputs, plan.index)
+        self._schedule(model, layer, example_inputs, plan.index, epochs_left)
         return record
 
-    def _schedule(self, model: nn.Module, layer: str, inputs: Any, index: torch.Tensor) -> None:
+    def _schedule(self, model: nn.Module, layer: str, inputs: Any, index: torch.Tensor,
+                  epochs_left: int | None = None) -> None:
         firsts: dict[int, int] = {}
         pairs = []
         for j, u in enumerate(index.tolist()):
@@ -117,29 +131,35 @@ class AdaptiveNeuronDivision:
             orig = torch.tensor([r[0] for r in rows])
             copy = torch.tensor([r[1] for r in rows])
             tensors.append((param, m.dim, orig, copy))
-        sep = _Separation(tensors, max(1, self.progressive_epochs))
+        doses = self.progressive_epochs
+        if epochs_left is not None:
+            doses = min(doses, max(0, epochs_left))
+        sep = _Separation(tensors, max(1, doses), self.noise_scale / max(1, doses))
         if self.noise_scale > 0 and tensors:
             self.pending.append(sep)
-            if self.progressive_epochs == 0:
-                self.step_epoch(model)
+            if doses == 0:
+                self._dose(model, sep)
 
     def step_epoch(self, model: nn.Module) -> int:
-        """Apply one epoch of separation noise; returns how many pairs were moved."""
+        """Apply one epoch of separation noise; returns how many rows were moved."""
+        return sum(self._dose(model, sep) for sep in list(self.pending))
+
+    def _dose(self, model: nn.Module, sep: _Separation) -> int:
+        """One dose (``noise_scale / doses`` of the weights' std) for ``sep``."""
         alive = {id(p) for p in model.parameters()}
         moved = 0
-        for sep in list(self.pending):
-            scale = self.noise_scale / max(1, self.progressive_epochs)
-            with torch.no_grad():
-                for param, dim, orig, copy in sep.tensors:
-                    if id(param) not in alive:
-                        continue  # the layer was edited again: its rows moved
-                    rows = param.index_select(dim, orig.to(param.device))
-                    std = float(param.detach().float().std()) or 1.0
-                    noise = torch.randn(rows.shape, generator=self._gen).to(rows) * std * scale
-                    param.index_add_(dim, orig.to(param.device), noise)
-                    param.index_add_(dim, copy.to(param.device), -noise)
-                    moved += orig.numel()
-            sep.epochs_left -= 1
-            if sep.epochs_left <= 0:
-                self.pending.remove(sep)
+        scale = sep.scale
+        with torch.no_grad():
+            for param, dim, orig, copy in sep.tensors:
+                if id(param) not in alive:
+                    continue  # the layer was edited again: its rows moved
+                rows = param.index_select(dim, orig.to(param.device))
+                std = float(param.detach().float().std()) or 1.0
+                noise = torch.randn(rows.shape, generator=self._gen).to(rows) * std * scale
+                param.index_add_(dim, orig.to(param.device), noise)
+                param.index_add_(dim, copy.to(param.device), -noise)
+                moved += orig.numel()
+        sep.epochs_left -= 1
+        if sep.epochs_left <= 0:
+            self.pending.remove(sep)
         return moved

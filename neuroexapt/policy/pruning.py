@@ -3,7 +3,9 @@
 :func:`prune_to` removes, for real (:func:`neuroexapt.narrow`), units of every resizable inner
 group until the model's parameters or MACs fall by ``amount``. It works in ``steps`` rounds
 on a linear schedule (each round re-traces and re-measures), and in each round removes the
-units with the lowest ``score / cost`` over all groups at once:
+units with the lowest ``score / cost`` over all groups at once. The rounds run inside one
+:func:`~neuroexapt.graph.graph_cache`: the first narrow of a round reuses the round's trace,
+so the model is traced once per narrow (plus once for a last round that removes nothing):
 
 * ``score="information"`` (default): the information about the target that removing the unit
   loses, estimated to first order on ``batches`` labelled batches. Removing unit ``u`` zeroes
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroexapt.errors import AnalysisError, ConfigError, NeuroExaptError
-from neuroexapt.graph import trace
+from neuroexapt.graph import graph_cache, trace
 from neuroexapt.graph.groups import Group, Member
 from neuroexapt.metrics.cost import count_macs
 from neuroexapt.ops import EditRecord, narrow
@@ -109,20 +111,21 @@ def prune_to(
     goal = base * (1.0 - amount)
     records: list[EditRecord] = []
     rounds = removed = 0
-    for rounds in range(1, 3 * steps + 1):
-        current = count_parameters(model) if by == "parameters" else count_macs(model, one)
-        if current <= goal:
-            rounds -= 1
-            break
-        target = max(goal, base * (1.0 - amount * min(rounds, steps) / steps))
-        done, units = _round(model, probe, example, current - target, current, by, score, loss_fn,
-                      max_fraction, optimizer)
-        if not done:
-            logger.warning("prune_to stopped at %d of the target %d %s: no unit left that "
-                           "may be removed", current, int(goal), by)
-            break
-        records.extend(done)
-        removed += units
+    with graph_cache(model):
+        for rounds in range(1, 3 * steps + 1):
+            current = count_parameters(model) if by == "parameters" else count_macs(model, one)
+            if current <= goal:
+                rounds -= 1
+                break
+            target = max(goal, base * (1.0 - amount * min(rounds, steps) / steps))
+            done, units = _round(model, probe, example, current - target, current, by, score,
+                                 loss_fn, max_fraction, optimizer)
+            if not done:
+                logger.warning("prune_to stopped at %d of the target %d %s: no unit left that "
+                               "may be removed", current, int(goal), by)
+                break
+            records.extend(done)
+            removed += units
     result = PruneResult(params0, count_parameters(model), macs0, count_macs(model, one),
                          rounds, removed, records)
     logger.info("prune_to: parameters %d -> %d, MACs %d -> %d in %d rounds",

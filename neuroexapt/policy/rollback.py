@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuroexapt.graph.cache import invalidate
 from neuroexapt.optim.named import load_named_state, named_state
 
 __all__ = ["Snapshot"]
@@ -36,6 +37,7 @@ class Snapshot:
         fresh = copy.deepcopy(self.model)  # keep the snapshot reusable
         model.__dict__.clear()
         model.__dict__.update(fresh.__dict__)  # every module's mode comes back with it
+        invalidate(model)  # graphs cached by graph_cache describe the replaced modules
         if optimizer is not None and self.optimizer_state is not None:
             # a copy: load_state_dict keeps the given tensors, which the optimizer then
             # updates in place

@@ -23,12 +23,12 @@ from neuroexapt.metrics.estimators import unit_entropy
 from neuroexapt.metrics.formulas import StructuralEntropy, output_kl, psi
 from neuroexapt.metrics.layer_metrics import unit_scores
 from neuroexapt.metrics.report import AnalysisReport
-from neuroexapt.ops import EditRecord, deepen, narrow, unit_norms
+from neuroexapt.ops import EditRecord, narrow, unit_norms
 from neuroexapt.ops.edit import count_parameters
 from neuroexapt.ops.transaction import model_outputs
 from neuroexapt.policy.connections import ConnectionGrowthManager
 from neuroexapt.policy.criteria import Criteria
-from neuroexapt.policy.division import AdaptiveNeuronDivision
+from neuroexapt.policy.expansion import EXPAND_METHODS, Expander, measure_bypass
 from neuroexapt.policy.pruning import PruneResult, prune_to
 from neuroexapt.train.sinks import RunLogger
 
@@ -39,7 +39,6 @@ __all__ = ["EXPAND_METHODS", "MONITOR_METRICS", "NeuroExapt", "facade_of"]
 MONITOR_METRICS: tuple[str, ...] = ("entropy", "mi_gain", "struct_complexity")
 # models wrapped by a NeuroExapt, so that a Trainer finds the facade of its model
 _WRAPPED: weakref.WeakKeyDictionary[nn.Module, NeuroExapt] = weakref.WeakKeyDictionary()
-EXPAND_METHODS: tuple[str, ...] = ("mutate", "split", "deepen", "skip")
 Batch = tuple[Any, torch.Tensor]
 
 
@@ -78,6 +77,7 @@ class NeuroExapt:
         self._importance: Callable[[torch.Tensor, torch.Tensor], float] | None = None
         self._sink: RunLogger | None = None
         self._probe: list[Batch] | None = None
+        self._connections = ConnectionGrowthManager()  # pairs connected stay connected
         self._steps = 0
         self._pending_kl = 0.0  # KL(p_old || p_new) of edits since the last measurement
 
@@ -240,13 +240,16 @@ class NeuroExapt:
     def expand_layers(self, method: str = "mutate", num_layers: int = 2, *,
                       data: Iterable[Batch] | None = None,
                       optimizer: torch.optim.Optimizer | None = None) -> list[EditRecord]:
-        """Grow ``num_layers`` layers where the analysis finds the worst bottlenecks.
+        """Grow ``num_layers`` layers where new capacity buys the most per cost.
 
-        ``"split"`` widens a layer (Net2Net), ``"deepen"`` inserts an identity layer after it,
-        ``"skip"`` adds a connection around a layer that loses information, ``"mutate"``
-        chooses per layer: a skip where information is lost, else a split, else deepening.
-        Every change preserves the function. Fewer than ``num_layers`` changes are made when
-        not enough layers allow one; the reasons are logged.
+        The policy is :class:`neuroexapt.policy.expansion.Expander`, the one DNM uses: layers
+        are ranked by the expected loss decrease of new units (the bypass gradient, measured
+        on the probe batches) per MAC. ``"split"`` widens a layer by Net2Net splits,
+        ``"deepen"`` inserts an identity layer, ``"skip"`` adds a connection around the layer
+        that loses most information, ``"mutate"`` chooses per layer: a skip where information
+        is lost, else new units (orthogonal fan-in, zero fan-out), else deepening. Every change
+        preserves the function. Fewer than ``num_layers`` changes are made when not enough
+        layers allow one; the reasons are logged.
         """
         if method not in EXPAND_METHODS:
             raise ConfigError(f"unknown method {method!r}; valid: {', '.join(EXPAND_METHODS)}")
@@ -255,34 +258,18 @@ class NeuroExapt:
         if data is not None:
             self.measure(data)
         report, model = self._require_report(), self._require_model()
-        inputs, kw = self._inputs(), {"optimizer": optimizer}
-        records: list[EditRecord] = []
-        connections, division = ConnectionGrowthManager(), AdaptiveNeuronDivision(
-            "hybrid", noise_scale=0.0)
-        for entry in sorted(report.layers, key=lambda x: -x.score):
-            if len(records) >= num_layers:
-                break
-            tries = _tries(method, entry.metrics.get("information_lost", 0.0) > 0)
-            for kind in tries:
-                try:
-                    if kind == "skip":
-                        done = connections.grow(model, report, report.order,
-                                                example_inputs=inputs, **kw)
-                        if done is None:
-                            continue
-                        records.append(done[0])
-                    elif kind == "split":
-                        records.append(division.divide(model, entry.name,
-                                                       stats=report.stats.get(entry.name),
-                                                       example_inputs=inputs, **kw))
-                    elif trace(model, inputs).produces_output(entry.name):
-                        continue
-                    else:
-                        records.append(deepen(model, entry.name, example_inputs=inputs,
-                                              verify=True, **kw))
-                    break
-                except NeuroExaptError as e:
-                    logger.info("%s at '%s' not possible: %s", kind, entry.name, e)
+        inputs = self._inputs()
+        loss = F.cross_entropy if self.task_type == "classification" else F.mse_loss
+        expander = Expander(connections=self._connections)
+        options = []
+        if method in ("mutate", "split"):
+            bypass = measure_bypass(model, self._probe or [], loss, layers=list(report.order))
+            options = expander.options(model, inputs, bypass)
+        made = expander.expand(model, num_layers, example_inputs=inputs, optimizer=optimizer,
+                               method=method, options=options, report=report)
+        records = [m.record for m in made]
+        for m in made:
+            logger.info("expand_layers: %s at '%s': %s", m.kind, m.layer, "; ".join(m.reasons))
         if len(records) < num_layers:
             logger.warning("expand_layers made %d of %d changes: the other measured layers "
                            "allow none (output layers, frozen groups)", len(records), num_layers)
@@ -336,14 +323,6 @@ def _selected(rule: Criteria, values: dict[str, Any]) -> list[int]:
     if isinstance(result, torch.Tensor):
         return result.nonzero().flatten().tolist()
     return list(range(units)) if result else []
-
-
-def _tries(method: str, lossy: bool) -> list[str]:
-    if method != "mutate":
-        return [method]
-    return ["skip", "split", "deepen"] if lossy else ["split", "deepen"]
-
-
 
 
 def facade_of(model: nn.Module) -> NeuroExapt | None:

@@ -15,16 +15,17 @@ from types import ModuleType
 import torch
 
 
-def test_smoke_profile_reports_three_measured_arms(
+def test_smoke_profile_reports_the_measured_arms(
         bench: Callable[[str], ModuleType], cifar_dir: Path, tmp_path: Path) -> None:
     growth = bench("cifar10_growth")
     out, png = tmp_path / "growth.json", tmp_path / "growth.png"
     code = growth.main(["--data-dir", str(cifar_dir), "--profile", "smoke", "--width", "4",
-                        "--large-width", "8", "--json", str(out), "--plot", str(png)])
+                        "--large-width", "8", "--json", str(out), "--plot", str(png),
+                        "--arms", "small,large,dnm,uniform", "--uniform-epoch", "1"])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["partial"] is False
-    assert set(result["runs"]) == {"small", "large", "dnm"}
+    assert set(result["runs"]) == {"small", "large", "dnm", "uniform"}
     for name, runs in result["runs"].items():
         assert len(runs) == 1  # the smoke profile: one seed
         run = runs[0]
@@ -48,8 +49,12 @@ def test_smoke_profile_reports_three_measured_arms(
     assert dnm["events"][0]["params_after"] > dnm["events"][0]["params_before"]
     # the same cosine schedule in every arm, edits or not
     lrs = {name: [h["lr"] for h in runs[0]["history"]] for name, runs in result["runs"].items()}
-    assert lrs["small"] == lrs["large"] == lrs["dnm"]
-    assert [g["met"] in (True, False) for g in result["goals"]] == [True] * 3
+    assert lrs["small"] == lrs["large"] == lrs["dnm"] == lrs["uniform"]
+    # the uniform ablation is the large architecture after its epoch
+    uniform = result["runs"]["uniform"][0]
+    assert uniform["widths"] == large["widths"] and uniform["params"] == large["params"]
+    assert [g["goal"] for g in result["goals"]][-1] == "dnm > uniform"
+    assert all(g["met"] in (True, False) for g in result["goals"]) and len(result["goals"]) == 5
     assert result["full_profile_estimate_s"]["all"] > 0
     assert png.stat().st_size > 0
 

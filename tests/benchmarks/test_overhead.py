@@ -13,8 +13,7 @@ def test_three_arms_timed_in_rotation(bench: Callable[[str], ModuleType], cifar_
     module = bench("overhead")
     out = tmp_path / "o.json"
     code = module.main(["--data-dir", str(cifar_dir), "--subset", "128", "--val", "100",
-                        "--epochs", "1", "--repeats", "2", "--threads", "1", "--probe", "128",
-                        "--json", str(out)])
+                        "--epochs", "1", "--repeats", "2", "--threads", "1", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     summary = result["summary"]
@@ -26,4 +25,6 @@ def test_three_arms_timed_in_rotation(bench: Callable[[str], ModuleType], cifar_
     assert summary["plain"]["overhead"] == 0.0
     assert all(r == 1.0 for r in summary["plain"]["ratios"])
     assert summary["dnm"]["own_share"] > 0
+    assert all(r["dnm_hooks_s"] > 0 for r in result["runs"]["dnm"])  # training batches recorded
+    assert 0 < summary["dnm"]["hooks_share"] < summary["dnm"]["own_share"]
     assert summary["trainer"]["params"] == summary["plain"]["params"]  # threshold 0: no pruning

@@ -176,8 +176,8 @@ def test_without_optimizer_nothing_changes(data: dict[str, Data]) -> None:
     dnm.record_performance(0.5)
     assert dnm.should_trigger_morphogenesis(1)[0]
     snap = snapshot_model(model)
-    with pytest.raises(ConfigError, match=r"needs the optimizer: create DNMFramework\(model, "
-                                          r"config, optimizer=optimizer\) or set dnm.optimizer"):
+    with pytest.raises(ConfigError, match=r"needs the optimizer that trains the model.*pass "
+                                          r"DNMFramework\(model, config, optimizer=optimizer\)"):
         dnm.execute_morphogenesis(1)
     assert_model_unchanged(model, snap)
     assert get_history(model) == [] and dnm.events.events == []
@@ -186,10 +186,10 @@ def test_without_optimizer_nothing_changes(data: dict[str, Data]) -> None:
     assert dnm.execute_morphogenesis(1)["parameters_added"] > 0
 
 
-def test_update_caches_needs_a_probe_or_tensors() -> None:
+def test_update_caches_before_any_training_step_says_what_to_do() -> None:
     dnm = DNMFramework(DigitsCNN(width=4))
-    with pytest.raises(ConfigError, match=r"nothing to measure: give DNMFramework a probe= .*"
-                                          r"or pass activations=\{layer: tensor\}"):
+    with pytest.raises(ConfigError, match=r"no recorded training batch: call it after training "
+                                          r"steps .*or give DNMFramework a probe="):
         dnm.update_caches()
 
 
@@ -249,7 +249,8 @@ def test_update_caches_from_the_callers_tensors(data: dict[str, Data]) -> None:
     assert results["parameters_added"] == count(model) - before > 0
     assert results["events"][0]["layer"] in {*layers, *(f"{a}->{b}" for a in layers
                                                         for b in layers)}
-    with pytest.raises(ConfigError, match=r"unknown layer 'features\.9'"):
+    with pytest.raises(ConfigError, match=r"names layer 'features\.9', which is not an "
+                                          r"analysed layer; use names from dnm\.layers"):
         dnm.update_caches(activations={"features.9": acts["features.0"]}, targets=y)
 
 

@@ -1,0 +1,79 @@
+"""Finding the optimizer that trains a model, from the optimizer's own steps.
+
+PyTorch calls global step hooks (``torch.optim.optimizer.register_optimizer_step_post_hook``)
+after every ``optimizer.step()`` of every optimizer. :class:`OptimizerWatch` installs one and
+remembers each optimizer whose param groups hold a parameter of the watched model, so a
+framework can migrate the user's optimizer without being handed it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from neuroexapt.errors import ConfigError
+
+__all__ = ["OptimizerWatch"]
+
+
+class OptimizerWatch:
+    """Remembers the optimizers that step ``model``'s parameters (see the module docstring).
+
+    The global hook holds the watch weakly and is removed by :meth:`close` or when the watch
+    is garbage-collected.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)
+        self._found: list[weakref.ReferenceType[torch.optim.Optimizer]] = []
+        self._checked: set[int] = set()
+        ref = weakref.ref(self)
+
+        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            watch = ref()
+            if watch is not None:
+                watch._saw(optimizer)
+
+        self._handle = register_optimizer_step_post_hook(hook)
+        self._finalizer = weakref.finalize(self, self._handle.remove)
+
+    def _saw(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) in self._checked and any(r() is optimizer for r in self._found):
+            return
+        model = self._model()
+        if model is None:
+            return
+        mine = {id(p) for p in model.parameters()}
+        steps_mine = any(id(p) in mine for g in optimizer.param_groups for p in g["params"])
+        if steps_mine and not any(r() is optimizer for r in self._found):
+            self._found.append(weakref.ref(optimizer))
+        self._checked.add(id(optimizer))
+
+    @property
+    def found(self) -> list[torch.optim.Optimizer]:
+        """The optimizers seen stepping the model's parameters, oldest first."""
+        return [o for o in (r() for r in self._found) if o is not None]
+
+    def optimizer(self, what: str) -> torch.optim.Optimizer:
+        """The one optimizer that trains the model; :class:`ConfigError` for none or several."""
+        found = self.found
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise ConfigError(
+                f"{what} needs the optimizer that trains the model, and none has stepped its "
+                "parameters yet: call it after optimizer.step(), or pass "
+                "DNMFramework(model, config, optimizer=optimizer)")
+        names = ", ".join(type(o).__name__ for o in found)
+        raise ConfigError(
+            f"{what}: {len(found)} optimizers ({names}) step this model's parameters, so it "
+            "cannot tell which one to migrate; pass DNMFramework(model, config, "
+            "optimizer=the_one_to_migrate)")
+
+    def close(self) -> None:
+        """Remove the global hook."""
+        self._finalizer()
