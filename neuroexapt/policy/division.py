@@ -40,9 +40,11 @@ class AdaptiveNeuronDivision:
     ``gradient_based`` splits the units with the largest E[g^2] (the loss most wants them to
     change), ``activation_based`` those with the largest activation variance, ``hybrid`` the
     mean of both after normalising each by its maximum. New units start as exact copies (the
-    function is unchanged); over ``progressive_epochs`` epochs each copy pair receives
-    opposite noise on its incoming weights, ``noise_scale / progressive_epochs`` of the
-    weights' std per epoch, which leaves the function unchanged to first order.
+    function is unchanged) whose outgoing weights receive opposite noise, which keeps the
+    function exactly and lets training separate them; over ``progressive_epochs`` epochs each
+    copy pair also receives opposite noise on its incoming weights, ``noise_scale /
+    progressive_epochs`` of the weights' std per epoch, which leaves the function unchanged to
+    first order.
 
     Example:
         >>> division = AdaptiveNeuronDivision("hybrid", noise_scale=0.1, progressive_epochs=5)
@@ -89,8 +91,10 @@ class AdaptiveNeuronDivision:
         """Split ``count`` (default ``fraction`` of the group) chosen units of ``layer``'s
         group; raises SurgeryError if impossible.
 
+        At the split the copies' outgoing weights get opposite noise (exact: the copies'
+        activations are equal), so their fan-ins separate by training from the first step.
         ``epochs_left`` is the number of :meth:`step_epoch` calls still followed by training
-        (known when the run's length is): the separation is then squeezed into them, and
+        (known when the run's length is): the fan-in doses are squeezed into them, and
         applied at once when there is none, so that the noise always lands while training
         goes on.
         """
@@ -136,9 +140,38 @@ class AdaptiveNeuronDivision:
             doses = min(doses, max(0, epochs_left))
         sep = _Separation(tensors, max(1, doses), self.noise_scale / max(1, doses))
         if self.noise_scale > 0 and tensors:
+            self._break_symmetry(model, group, pairs, sep.scale)
             self.pending.append(sep)
             if doses == 0:
                 self._dose(model, sep)
+
+    def _break_symmetry(self, model: nn.Module, group: Any, pairs: list[tuple[int, int]],
+                        scale: float) -> None:
+        """Opposite noise on the copies' outgoing weights: exact, yet the twins separate.
+
+        The two copies of a unit compute the same activation ``h``, so giving their fan-outs
+        ``a/2 + n`` and ``a/2 - n`` leaves every consumer's input ``a h`` unchanged (the
+        paired units of Variance Transfer, Yuan et al., 2023), while the gradients of their
+        fan-ins now differ: copies never stay identical for an epoch waiting for the first
+        dose. ``n`` has ``scale`` (one dose) of the consumer weight's std.
+        """
+        with torch.no_grad():
+            for m in group.members:
+                if m.role != "in" or not m.tensor:
+                    continue
+                param = getattr(model.get_submodule(m.module) if m.module else model, m.tensor)
+                if param.dim() < 2:
+                    continue
+                cols = [(m.offset + a * m.block + t, m.offset + b * m.block + t)
+                        for a, b in pairs for t in range(m.block)]
+                orig = torch.tensor([c[0] for c in cols], device=param.device)
+                dup = torch.tensor([c[1] for c in cols], device=param.device)
+                shape = list(param.shape)
+                shape[m.dim] = len(cols)
+                std = float(param.detach().float().std()) or 1.0
+                noise = (torch.randn(shape, generator=self._gen) * std * scale).to(param)
+                param.index_add_(m.dim, orig, noise)
+                param.index_add_(m.dim, dup, -noise)
 
     def step_epoch(self, model: nn.Module) -> int:
         """Apply one epoch of separation noise; returns how many rows were moved."""

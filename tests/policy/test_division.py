@@ -185,14 +185,24 @@ def split_tanh() -> tuple[nn.Sequential, torch.Tensor, AdaptiveNeuronDivision, l
     return model, x, division, pairs
 
 
-def test_copies_start_exact() -> None:
-    model, _, division, pairs = split_tanh()
-    w, b = model[0].weight, model[0].bias
+def test_copies_start_exact_with_opposite_fan_outs() -> None:
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model, x, division, pairs = split_tanh()  # the same initial weights (seed 0)
+    w, b, out = model[0].weight, model[0].bias, model[2].weight
     for orig, dup in pairs:
         assert torch.equal(w[orig], w[dup]) and torch.equal(b[orig], b[dup])
-        # Net2Net: the outgoing weight is shared equally by the two copies
-        assert torch.equal(model[2].weight[:, orig], model[2].weight[:, dup])
+        # Net2Net shares the outgoing weight between the copies; opposite noise on the two
+        # halves keeps their sum (the function: both copies compute the same activation)
+        torch.testing.assert_close(out[:, orig] + out[:, dup], plain[2].weight[:, orig],
+                                   rtol=0, atol=1e-15)
+        assert (out[:, orig] - out[:, dup]).abs().min() > 0
     assert len(division.pending) == 1
+    # so the copies' fan-ins get different gradients from the first step on
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    for orig, dup in pairs:
+        assert (w.grad[orig] - w.grad[dup]).abs().max() > 1e-6
 
 
 def test_each_epoch_moves_copy_pairs_by_opposite_amounts() -> None:
@@ -225,9 +235,11 @@ def test_each_epoch_moves_copy_pairs_by_opposite_amounts() -> None:
             one_sided[0].weight[orig] += delta[orig]
         change = float((model(x) - y0).abs().max())
         change_one = float((one_sided(x) - y0).abs().max())
-    # measured: 1.2e-4 against 5.3e-3 (ratio 0.023; second order against first order)
+    # measured: 6.4e-4 against 3.6e-3 (ratio 0.18): the copies' fan-outs differ by the
+    # split's opposite noise (one dose), so the symmetric move is first order in that small
+    # difference only (1.2e-4, ratio 0.023, when the fan-outs were equal)
     assert change > 0
-    assert change < 0.05 * change_one, (change, change_one)
+    assert change < 0.3 * change_one, (change, change_one)
 
 
 def test_the_schedule_ends_after_progressive_epochs() -> None:
