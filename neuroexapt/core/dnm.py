@@ -320,6 +320,7 @@ class DNMFramework:
                 schedule.done += 1  # nothing fit this step; the next one gets its share
             logger.warning("execute_morphogenesis at epoch %s changed nothing: %s", epoch,
                            self._why_nothing())
+        self._update_recording()
         kinds = [e.kind for e in new_events]
         return {
             "neuron_divisions": kinds.count("neuron_division"),
@@ -416,6 +417,17 @@ class DNMFramework:
                                    record.params_after, metric, details=dict(record.args))
         self.events.add(event)
         return event
+
+    def _growth_over(self) -> bool:
+        """Whether no change can follow: changes spent, or every scheduled step taken."""
+        if self.trigger.changes >= self.config.max_architecture_changes:
+            return True
+        schedule = self.schedule
+        return schedule is not None and schedule.done >= len(schedule.epochs)
+
+    def _update_recording(self) -> None:
+        """Stop recording bypass gradients (the costly part) once no growth can use them."""
+        self.recorder.record_growth = not self._growth_over()
 
     def _epochs_left(self) -> int | None:
         """record_performance calls still followed by training (None: run length unknown)."""
@@ -522,6 +534,7 @@ class DNMFramework:
         self._snapshot, self.report, self._bypass = None, None, {}
         self.recorder.attach()
         self.recorder.reset()
+        self._update_recording()
 
 
 def _as_probe(probe: Any) -> Iterable[Batch] | None:

@@ -175,6 +175,7 @@ class TrainingRecorder:
         self._busy = False
         self.error: str | None = None  # why recording stopped (a hook raised), if it did
         self.seconds = 0.0  # wall time spent inside this recorder's hooks, all told
+        self.record_growth = True  # bypass gradients too (off once no growth can follow)
         self.layers: list[str] = []
         self.example_inputs: tuple[torch.Tensor, ...] | None = None
         self.last_batch: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
@@ -262,7 +263,8 @@ class TrainingRecorder:
             self._resolve_pairs()
 
     def _on_input(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._recording and name in self.growth and args and isinstance(args[0], torch.Tensor):
+        if (self._recording and self.record_growth and name in self.growth and args
+                and isinstance(args[0], torch.Tensor)):
             self._inputs[name] = args[0].detach()[: self.max_samples]
 
     def _on_output(self, name: str, module: nn.Module, args: Any, output: Any) -> None:

@@ -195,6 +195,11 @@ def test_a_growth_budget_is_spent_early_and_never_exceeded(digits: dict[str, Dat
     assert grown_at and set(grown_at) <= {2, 4}  # the schedule: by half of the 8 epochs
     assert start < size() <= 2 * start
     assert dnm.schedule is not None and dnm.schedule.done == 2
+    # once every scheduled step is taken no growth can follow: the costly bypass gradients
+    # are no longer recorded, the layer statistics still are
+    assert not dnm.recorder.record_growth
+    assert dnm.report is not None and dnm.report.layers  # measured at the last epoch
+    assert dnm._bypass == {}  # nothing recorded for growth since the last step
     dnm.close()
 
 
