@@ -295,29 +295,28 @@ class DNMFramework:
         before = count_parameters(self._model)
         snapshot = Snapshot.take(self._model, self.optimizer) if cfg.rollback_enabled else None
         schedule = self._schedule_for_decision()
+        scheduled = schedule is not None and schedule.due(int(epoch))
         with graph_cache(self._model):
-            if schedule is not None and schedule.due(int(epoch)):
+            if scheduled:
+                assert schedule is not None
                 new_events = self._grow_step(epoch, schedule)
             else:
                 budget = min(cfg.max_morphogenesis_per_epoch,
                              cfg.max_architecture_changes - self.trigger.changes)
                 new_events = self._grow_ranked(epoch, budget, schedule)
+        if scheduled:
+            assert schedule is not None
+            schedule.done += 1  # a step that fit nothing leaves its share to the next ones
         if new_events:
-            self.trigger.changes += 1 if schedule is not None and schedule.due(int(epoch)) \
-                else len(new_events)
-            if schedule is not None and schedule.due(int(epoch)):
-                schedule.done += 1
+            self.trigger.changes += 1 if scheduled else len(new_events)
             self.trigger.evaluating_until = epoch + cfg.evaluation_window
             metric = self.trigger.history[-1] if self.trigger.history else None
             if snapshot is not None:  # evaluated over the next evaluation_window records
                 self._snapshot = (snapshot, metric, self._epoch + cfg.evaluation_window)
             self.report = None  # measurements of the old architecture
             self._bypass = {}
-            self.recorder.attach()
-            self.recorder.reset()
+            self.recorder.attach()  # new modules; attach() starts new statistics
         else:
-            if schedule is not None and schedule.due(int(epoch)):
-                schedule.done += 1  # nothing fit this step; the next one gets its share
             logger.warning("execute_morphogenesis at epoch %s changed nothing: %s", epoch,
                            self._why_nothing())
         self._update_recording()
@@ -360,11 +359,12 @@ class DNMFramework:
             self._make_schedule()
         return self.schedule
 
-    def _room(self, schedule: GrowthSchedule | None) -> float:
-        """Cost that may still be added (the growth budget and max_parameters)."""
+    def _room(self, schedule: GrowthSchedule | None, current: float | None = None) -> float:
+        """Cost that may still be added (the growth budget and max_parameters), given the
+        model's ``current`` cost when it is known."""
         room = math.inf
         if schedule is not None:
-            room = schedule.budget - self._cost()
+            room = schedule.budget - (self._cost() if current is None else current)
         limit = self.config.max_parameters
         if limit is not None:
             left = limit - count_parameters(self._model)
@@ -384,8 +384,9 @@ class DNMFramework:
     def _grow_step(self, epoch: int, schedule: GrowthSchedule) -> list[MorphogenesisEvent]:
         """One scheduled step: the step's budget handed out by marginal gain per cost."""
         options = self.expander.options(self._model, self.example_inputs, self._bypass)
-        room = self._room(schedule)
-        step = min(schedule.step_budget(self._cost()), room)
+        current = self._cost()
+        room = self._room(schedule, current)
+        step = min(schedule.step_budget(current), room)
         made = self.expander.step(self._model, options, step, example_inputs=self.example_inputs,
                                   optimizer=self.optimizer,
                                   stats=self.report.stats if self.report is not None else None,
@@ -457,7 +458,6 @@ class DNMFramework:
             self.boost.clear()
             self.report, self._bypass = None, {}
             self.recorder.attach()  # the restored modules are new objects
-            self.recorder.reset()
             self.events.add(MorphogenesisEvent(
                 self._epoch, "rollback", "*",
                 [f"validation fell by {drop:.4f} > performance_drop_threshold="
@@ -533,7 +533,6 @@ class DNMFramework:
                 from e
         self._snapshot, self.report, self._bypass = None, None, {}
         self.recorder.attach()
-        self.recorder.reset()
         self._update_recording()
 
 

@@ -105,7 +105,6 @@ def invalidate(model: nn.Module) -> None:
                 scope.entries.clear()
 
 
-
 def cache_key(
     model: nn.Module, inputs: tuple[Any, ...], leaf_modules: Sequence[type[nn.Module] | str]
 ) -> Key | None:

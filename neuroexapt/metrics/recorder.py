@@ -209,8 +209,7 @@ class TrainingRecorder:
         names = _select_layers(self.model, self.layer_spec, modules)
         self._pairs_resolved = False  # the architecture may have changed: trace again
         self.growth = {}
-        if names != self.layers:
-            self.layers = names
+        self.layers = names
         self.reset()
         root = self.model
         self._handles.append(root.register_forward_pre_hook(_Hook(self, "_on_start")))
@@ -219,7 +218,6 @@ class TrainingRecorder:
             module = modules[name]
             self._handles.append(module.register_forward_pre_hook(_Hook(self, "_on_input", name)))
             self._handles.append(module.register_forward_hook(_Hook(self, "_on_output", name)))
-        self._pairs_resolved = False
 
     def detach(self) -> None:
         """Remove every hook this recorder installed (and inert copies left by a rollback)."""
@@ -400,9 +398,7 @@ def _conv_bypass(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.T
     """
     if not isinstance(module, nn.Conv2d) or g.ndim != 4 or a.ndim != 4:
         return None
-    h, w = (math.floor((n + 2 * p - d * (k - 1) - 1) / s + 1)
-            for n, k, s, d, p in zip(a.shape[2:], module.kernel_size, module.stride,
-                                     module.dilation, module.padding, strict=True))
+    h, w = _conv_out_size(module, a.shape[2:])
     gh, gw = g.shape[2:]
     if h % gh or w % gw:
         return None
@@ -420,13 +416,15 @@ def _patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     input itself, tokens moved to positions, for a Linear layer."""
     if isinstance(module, nn.Conv2d):
         cols = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
-        h, w = (
-            math.floor((n + 2 * p - d * (k - 1) - 1) / s + 1)
-            for n, k, s, d, p in zip(a.shape[2:], module.kernel_size, module.stride,
-                                     module.dilation, module.padding, strict=True)
-        )
-        return cols.view(a.shape[0], cols.shape[1], h, w)
+        return cols.view(a.shape[0], cols.shape[1], *_conv_out_size(module, a.shape[2:]))
     return a.movedim(-1, 1) if a.ndim > 2 else a  # [S, T..., F]: tokens as positions
+
+
+def _conv_out_size(module: nn.Conv2d, spatial: Sequence[int]) -> tuple[int, ...]:
+    """Output height and width of ``module`` on inputs of ``spatial`` size."""
+    return tuple(math.floor((n + 2 * p - d * (k - 1) - 1) / s + 1)
+                 for n, k, s, d, p in zip(spatial, module.kernel_size, module.stride,
+                                          module.dilation, module.padding, strict=True))
 
 
 def _pool_to(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -30,7 +30,10 @@ class OptimizerWatch:
     def __init__(self, model: nn.Module) -> None:
         self._model = weakref.ref(model)
         self._found: list[weakref.ReferenceType[torch.optim.Optimizer]] = []
-        self._checked: set[int] = set()
+        # optimizers already looked at, with their parameter count then: a training step
+        # re-checks only an optimizer whose param groups changed (add_param_group)
+        self._checked: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = \
+            weakref.WeakKeyDictionary()
         ref = weakref.ref(self)
 
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -42,7 +45,8 @@ class OptimizerWatch:
         self._finalizer = weakref.finalize(self, self._handle.remove)
 
     def _saw(self, optimizer: torch.optim.Optimizer) -> None:
-        if id(optimizer) in self._checked and any(r() is optimizer for r in self._found):
+        count = sum(len(g["params"]) for g in optimizer.param_groups)
+        if self._checked.get(optimizer) == count:
             return
         model = self._model()
         if model is None:
@@ -51,7 +55,7 @@ class OptimizerWatch:
         steps_mine = any(id(p) in mine for g in optimizer.param_groups for p in g["params"])
         if steps_mine and not any(r() is optimizer for r in self._found):
             self._found.append(weakref.ref(optimizer))
-        self._checked.add(id(optimizer))
+        self._checked[optimizer] = count
 
     @property
     def found(self) -> list[torch.optim.Optimizer]:

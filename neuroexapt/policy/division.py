@@ -123,18 +123,7 @@ class AdaptiveNeuronDivision:
             else:
                 firsts[u] = j
         group = trace(model, inputs).group_of(layer)
-        tensors = []
-        for m in group.members:
-            if m.role != "out" or not m.tensor:
-                continue
-            param = getattr(model.get_submodule(m.module) if m.module else model, m.tensor)
-            if param.dim() < 2:
-                continue  # biases stay equal; the weights carry the separation
-            rows = [(m.offset + a * m.block + t, m.offset + b * m.block + t)
-                    for a, b in pairs for t in range(m.block)]
-            orig = torch.tensor([r[0] for r in rows])
-            copy = torch.tensor([r[1] for r in rows])
-            tensors.append((param, m.dim, orig, copy))
+        tensors = _paired_entries(model, group, pairs, "out")  # the copies' fan-ins
         doses = self.progressive_epochs
         if epochs_left is not None:
             doses = min(doses, max(0, epochs_left))
@@ -156,22 +145,8 @@ class AdaptiveNeuronDivision:
         dose. ``n`` has ``scale`` (one dose) of the consumer weight's std.
         """
         with torch.no_grad():
-            for m in group.members:
-                if m.role != "in" or not m.tensor:
-                    continue
-                param = getattr(model.get_submodule(m.module) if m.module else model, m.tensor)
-                if param.dim() < 2:
-                    continue
-                cols = [(m.offset + a * m.block + t, m.offset + b * m.block + t)
-                        for a, b in pairs for t in range(m.block)]
-                orig = torch.tensor([c[0] for c in cols], device=param.device)
-                dup = torch.tensor([c[1] for c in cols], device=param.device)
-                shape = list(param.shape)
-                shape[m.dim] = len(cols)
-                std = float(param.detach().float().std()) or 1.0
-                noise = (torch.randn(shape, generator=self._gen) * std * scale).to(param)
-                param.index_add_(m.dim, orig, noise)
-                param.index_add_(m.dim, dup, -noise)
+            for param, dim, orig, copy in _paired_entries(model, group, pairs, "in"):
+                _opposite_noise(param, dim, orig, copy, scale, self._gen)
 
     def step_epoch(self, model: nn.Module) -> int:
         """Apply one epoch of separation noise; returns how many rows were moved."""
@@ -186,13 +161,40 @@ class AdaptiveNeuronDivision:
             for param, dim, orig, copy in sep.tensors:
                 if id(param) not in alive:
                     continue  # the layer was edited again: its rows moved
-                rows = param.index_select(dim, orig.to(param.device))
-                std = float(param.detach().float().std()) or 1.0
-                noise = torch.randn(rows.shape, generator=self._gen).to(rows) * std * scale
-                param.index_add_(dim, orig.to(param.device), noise)
-                param.index_add_(dim, copy.to(param.device), -noise)
+                _opposite_noise(param, dim, orig, copy, scale, self._gen)
                 moved += orig.numel()
         sep.epochs_left -= 1
         if sep.epochs_left <= 0:
             self.pending.remove(sep)
         return moved
+
+
+def _paired_entries(model: nn.Module, group: Any, pairs: list[tuple[int, int]], role: str
+                    ) -> list[tuple[nn.Parameter, int, torch.Tensor, torch.Tensor]]:
+    """``(weight, dim, entries of originals, entries of copies)`` of ``group``'s weight members
+    of ``role`` (``"out"``: the fan-ins, ``"in"``: the fan-outs) for the (original, copy)
+    unit ``pairs``; biases and other 1-d members are left out."""
+    out = []
+    for m in group.members:
+        if m.role != role or not m.tensor:
+            continue
+        param = getattr(model.get_submodule(m.module) if m.module else model, m.tensor)
+        if param.dim() < 2:
+            continue
+        entries = [(m.offset + a * m.block + t, m.offset + b * m.block + t)
+                   for a, b in pairs for t in range(m.block)]
+        out.append((param, m.dim, torch.tensor([e[0] for e in entries]),
+                    torch.tensor([e[1] for e in entries])))
+    return out
+
+
+def _opposite_noise(param: torch.Tensor, dim: int, orig: torch.Tensor, copy: torch.Tensor,
+                    scale: float, gen: torch.Generator) -> None:
+    """Add noise of ``scale`` times ``param``'s std to the ``orig`` entries, minus it to the
+    ``copy`` entries (along ``dim``)."""
+    orig, copy = orig.to(param.device), copy.to(param.device)
+    rows = param.index_select(dim, orig)
+    std = float(param.detach().float().std()) or 1.0
+    noise = torch.randn(rows.shape, generator=gen).to(rows) * std * scale
+    param.index_add_(dim, orig, noise)
+    param.index_add_(dim, copy, -noise)
