@@ -95,6 +95,11 @@ class DNMFramework:
         ...         results = dnm.execute_morphogenesis(epoch + 1)
     """
 
+    #: ``update_caches()`` from the training batches measures ``performance_sensitivity``
+    #: (a forward pass per layer) on this many candidates only: the layers the other metrics
+    #: score highest.
+    ablate_top: int | None = 3
+
     def __init__(
         self, model: nn.Module, config: Mapping[str, Any] | DNMConfig | None = None, *,
         optimizer: torch.optim.Optimizer | None = None, probe: Any = None,
@@ -220,7 +225,7 @@ class DNMFramework:
         report = report_from_stats(self._model, stats, order, metrics=metrics,
                                    task_type=self.analyzer.task_type,
                                    loss_fn=self.analyzer.loss_fn, held_out=held,
-                                   batches=rec.recorded)
+                                   batches=rec.recorded, ablate_top=self.ablate_top)
         if held is None:
             for r in report.layers:
                 r.warnings.append("no labels could be recovered from the loss gradient (not a "

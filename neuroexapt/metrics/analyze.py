@@ -191,23 +191,39 @@ def report_from_stats(
     mi_method: str = "renyi",
     importance: str | ImportanceFn | None = None,
     batches: int = 0,
+    ablate_top: int | None = None,
 ) -> AnalysisReport:
     """Metrics, scores and ranking from statistics already collected (by hooks or by hand).
 
     ``performance_sensitivity`` needs ``held_out`` (and ``loss_fn``); without it the metric is
     left out. ``order`` is the layers' execution order (information loss is measured along it).
+    The metric costs one forward pass per layer; with ``ablate_top=k`` it is measured only on
+    the ``k`` layers the other metrics score highest (the candidates), and the others are
+    scored without it.
     """
     limits = _validate(metrics, thresholds, task_type, max(1, batches))
+    if ablate_top is not None and (isinstance(ablate_top, bool) or not isinstance(ablate_top, int)
+                                   or ablate_top < 1):
+        raise ConfigError(f"ablate_top must be an int >= 1 or None, got {ablate_top!r}")
     if loss_fn is None:
         loss_fn = F.cross_entropy if task_type == "classification" else F.mse_loss
-    if held_out is None:
-        metrics = [m for m in metrics if m != "performance_sensitivity"]
+    sensitivity = "performance_sensitivity" in metrics and held_out is not None
+    scored = [m for m in metrics if sensitivity or m != "performance_sensitivity"]
+    metrics = [m for m in metrics if m != "performance_sensitivity"]
     importance_fn = get_importance_metric(importance) if importance is not None else None
     never = [n for n in order if not stats[n].batches]
-    results = _measure(model, stats, list(order), metrics, loss_fn, held_out, task_type,
-                       mi_method, importance_fn)
+    results = _measure(stats, list(order), metrics, task_type, mi_method, importance_fn)
     h_y = _label_entropy(stats, list(order), task_type)
-    _score(results, metrics, limits, h_y)
+    if sensitivity:
+        assert held_out is not None
+        measured = [r for r in results if r.batches]
+        if ablate_top is not None and ablate_top < len(measured) and metrics:
+            _score(measured, metrics, limits, h_y)  # rank the candidates by the cheap metrics
+            measured = sorted(measured, key=lambda r: -r.score)[:ablate_top]
+            for r in results:
+                r.scores, r.reasons, r.score = {}, [], 0.0
+        _ablate(model, measured, held_out, loss_fn)
+    _score(results, scored, limits, h_y)
     results.sort(key=lambda r: -r.score)
     return AnalysisReport(results, task_type, h_y, batches, never, list(order), dict(stats))
 
@@ -223,17 +239,24 @@ def _label_entropy(collector: Mapping[str, LayerStats], order: list[str], task: 
     return None
 
 
-def _measure(
-    model: nn.Module, collector: Mapping[str, LayerStats], order: list[str],
-    metrics: Sequence[str], loss_fn: Callable[..., torch.Tensor], held: Batch | None,
-    task_type: str, mi_method: str,
-    importance_fn: ImportanceFn | None,
-) -> list[LayerAnalysis]:
+def _ablate(model: nn.Module, results: Sequence[LayerAnalysis], held: Batch,
+            loss_fn: Callable[..., torch.Tensor]) -> None:
+    """``performance_sensitivity`` of each result's layer: the loss increase when it is zeroed."""
+    if not results:
+        return
     modules = dict(model.named_modules())
-    sensitivity = "performance_sensitivity" in metrics and held is not None
-    inputs, targets = (_as_inputs(held[0]), held[1]) if held is not None else ((), None)
+    inputs, targets = _as_inputs(held[0]), held[1]
     with torch.no_grad():
-        base = float(loss_fn(model(*inputs), targets)) if sensitivity else 0.0
+        base = float(loss_fn(model(*inputs), targets))
+    for r in results:
+        ablated = ablation_loss(model, modules[r.name], inputs, targets, loss_fn)
+        r.metrics["performance_sensitivity"] = max(0.0, ablated - base)
+
+
+def _measure(
+    collector: Mapping[str, LayerStats], order: list[str], metrics: Sequence[str],
+    task_type: str, mi_method: str, importance_fn: ImportanceFn | None,
+) -> list[LayerAnalysis]:
     out = []
     for name in order:
         stats = collector[name]
@@ -252,9 +275,6 @@ def _measure(
         if "information_flow" in metrics and task_type == "classification" \
                 and stats.samples()[1] is not None:
             m["information"] = information_retained(stats, mi_method)
-        if sensitivity:
-            ablated = ablation_loss(model, modules[name], inputs, targets, loss_fn)
-            m["performance_sensitivity"] = max(0.0, ablated - base)
         if importance_fn is not None:
             x, y = stats.samples()
             m["importance"] = float(importance_fn(x, y if y is not None else x))

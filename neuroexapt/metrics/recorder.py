@@ -19,7 +19,7 @@ touched. For a recorded pass it folds into bounded accumulators:
   values bound the loss decrease that new units can buy (GradMax, Evci et al., 2022), and its
   right singular vectors are the fan-in that buys it (:mod:`neuroexapt.policy.growth`). For a
   conv producer and consumer it is a convolution's weight gradient, computed by PyTorch's
-  convolution backward.
+  convolution backward, in float32 (float64 for float64 models), summed in float64.
 
 Memory is bounded independently of the run's length: ``12 D`` float64 and a reservoir per layer,
 one ``[outputs of c, inputs of l * k * k]`` float64 matrix per growable layer, and one batch of
@@ -53,6 +53,7 @@ from neuroexapt.metrics.collector import (
     _first_tensor,
     _select_layers,
     _units_view,
+    sample_positions,
 )
 
 logger = logging.getLogger(__name__)
@@ -343,12 +344,15 @@ class TrainingRecorder:
             return
         entry = self.growth[producer]
         module = self.model.get_submodule(producer)
-        g = grad[: a.shape[0]].double()
-        part = _conv_bypass(module, a.double(), g)
+        # computed in float32 (float64 inputs stay float64), summed over batches in float64:
+        # 5x faster than float64 convolutions, 2e-6 relative error on one batch
+        work = torch.promote_types(a.dtype, torch.float32)
+        g, a = grad[: a.shape[0]].to(work), a.to(work)
+        part = _conv_bypass(module, a, g)
         if part is not None:
-            self._add_bypass(entry, consumer, part)
+            self._add_bypass(entry, consumer, part.double())
             return
-        patches = _patches(module, a.double())  # [S, F, *spatial of the producer's output]
+        patches = _patches(module, a)  # [S, F, *spatial of the producer's output]
         if g.ndim > 2:  # a conv consumer: [S, C, *spatial]
             if patches.ndim != g.ndim:
                 return
@@ -357,7 +361,7 @@ class TrainingRecorder:
         else:  # a Linear consumer of pooled / flattened features: [S, C]
             pooled = patches.flatten(2).mean(2) if patches.ndim > 2 else patches
             part = g.transpose(0, 1) @ pooled
-        self._add_bypass(entry, consumer, part)
+        self._add_bypass(entry, consumer, part.double())
 
     @staticmethod
     def _add_bypass(entry: BypassGradient, consumer: str, part: torch.Tensor) -> None:
@@ -370,11 +374,7 @@ class TrainingRecorder:
             blocks.clear()
 
     def _sample(self, values: torch.Tensor) -> torch.Tensor:
-        _, d, p = values.shape
-        if p > self.max_positions:
-            idx = torch.randperm(p, generator=self._gen)[: self.max_positions].to(values.device)
-            values = values.index_select(2, idx)
-        return values.transpose(1, 2).reshape(-1, d)
+        return sample_positions(values, self.max_positions, self._gen)
 
     def memory_bytes(self) -> int:
         """Bytes held by the accumulators (statistics and bypass gradients)."""
@@ -392,7 +392,7 @@ def _conv_bypass(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.T
 
     It is the weight gradient of a convolution with the producer's kernel geometry from the
     producer's input to the consumer's output gradient, so PyTorch's own convolution backward
-    computes it (about 3x faster than unfolding the patches, same float64 result). A consumer
+    computes it (about 3x faster than unfolding the patches, same result). A consumer
     at a resolution an integer factor ``r`` lower reads average-pooled patches: the same as the
     gradient repeated over each ``r x r`` window and divided by ``r * r``. Other cases: None.
     """

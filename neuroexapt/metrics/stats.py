@@ -95,18 +95,46 @@ class RunningMoments:
             )
         if self._count.device != batch.device and not self._count.any():
             self._to(batch.device)  # follow the data while empty: no host sync per batch
-        x = batch.detach().to(self._count.device, torch.float64)
+        # the batch's own moments in its precision (at least float32; 8x faster than float64
+        # on the CPU), folded into the float64 totals
+        work = torch.promote_types(batch.dtype, torch.float32)
+        x = batch.detach().to(self._count.device, work)
         total = x.sum(0)
         if bool(torch.isfinite(total).all()):  # no NaN/Inf: the plain formulas, no masks
-            n_b = torch.full_like(total, float(x.shape[0]))
+            n_b = torch.full_like(total, float(x.shape[0]), dtype=torch.float64)
             mean_b = total / max(1, x.shape[0])
             m2_b = (x - mean_b).square().sum(0)
         else:
             finite = torch.isfinite(x)
             n_b = finite.sum(0, dtype=torch.float64)
-            mean_b = torch.where(finite, x, 0.0).sum(0) / n_b.clamp(min=1.0)
+            mean_b = torch.where(finite, x, 0.0).sum(0) / n_b.clamp(min=1.0).to(work)
             m2_b = torch.where(finite, x - mean_b, 0.0).square().sum(0)
-        self._combine(n_b, mean_b, m2_b)
+        self._combine(n_b, mean_b.double(), m2_b.double())
+
+    @torch.no_grad()
+    def update_fraction(self, hits: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Fold in a boolean batch [n, dim] as 0/1 values; ``valid`` False entries are skipped.
+
+        The same result as :meth:`update` on ``hits.double()`` (with NaN where not valid), from
+        two counts per unit: for 0/1 values with ``k`` ones in ``n``, the mean is ``k / n`` and
+        the sum of squared deviations ``k (1 - k / n)``.
+        """
+        if hits.ndim != 2 or hits.shape[1] != self.dim or hits.dtype != torch.bool:
+            raise ConfigError(f"update_fraction takes a bool batch [n, {self.dim}], got "
+                              f"{hits.dtype} {tuple(hits.shape)}")
+        if self._count.device != hits.device and not self._count.any():
+            self._to(hits.device)
+        hits = hits.to(self._count.device)
+        if valid is None:
+            n_b = torch.full((self.dim,), float(hits.shape[0]), dtype=torch.float64,
+                             device=hits.device)
+        else:
+            valid = valid.to(hits.device)
+            hits = hits & valid
+            n_b = valid.sum(0, dtype=torch.float64)
+        k = hits.sum(0, dtype=torch.float64)
+        mean_b = k / n_b.clamp(min=1.0)
+        self._combine(n_b, mean_b, k * (1.0 - mean_b))
 
     @torch.no_grad()
     def merge(self, other: RunningMoments) -> RunningMoments:
