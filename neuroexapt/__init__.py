@@ -21,7 +21,7 @@ from neuroexapt.graph import (
     trace,
 )
 from neuroexapt.metrics import analyze
-from neuroexapt.metrics.cost import count_macs
+from neuroexapt.metrics.cost import count_macs, measure_latency
 from neuroexapt.ops import (
     Checkpoint,
     EditRecord,
@@ -63,6 +63,7 @@ __all__ = [
     "list_handlers",
     "load",
     "mark_leaf",
+    "measure_latency",
     "metrics",
     "narrow",
     "optim",

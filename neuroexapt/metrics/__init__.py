@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from neuroexapt.metrics.analyze import BOTTLENECK_METRICS, DEFAULT_THRESHOLDS, analyze
 from neuroexapt.metrics.collector import ActivationCollector, LayerStats
-from neuroexapt.metrics.cost import count_macs
+from neuroexapt.metrics.cost import count_macs, measure_latency
 from neuroexapt.metrics.estimators import (
     MI_METHODS,
     SIGMA_RULES,
@@ -78,6 +78,7 @@ __all__ = [
     "label_entropy",
     "layer_importance",
     "list_importance_metrics",
+    "measure_latency",
     "mutual_information",
     "output_kl",
     "psi",

@@ -21,6 +21,7 @@ from neuroexapt.metrics.layer_metrics import (
     activation_diversity,
     get_importance_metric,
     gradient_variance,
+    importance_value,
     information_retained,
 )
 from neuroexapt.metrics.report import AnalysisReport, LayerAnalysis, Reason
@@ -120,7 +121,7 @@ def analyze(
     loss_fn: Callable[..., torch.Tensor] | None = None,
     held_out: Batch | None = None,
     thresholds: Mapping[str, float] | None = None,
-    mi_method: str = "renyi",
+    mi_method: str = "ksg",
     reservoir: int = 512,
     importance: str | ImportanceFn | None = None,
 ) -> AnalysisReport:
@@ -141,8 +142,10 @@ def analyze(
         thresholds: per-metric score thresholds overriding :data:`DEFAULT_THRESHOLDS`.
         mi_method: estimator for ``information_flow`` (see ``metrics.mutual_information``).
         reservoir: samples kept per layer for the information estimators.
-        importance: a registered importance metric name or ``fn(layer_output, targets)``,
-            reported as the ``importance`` metric.
+        importance: a registered importance metric name or ``fn(layer_output, targets)``
+            returning a scalar or one score per unit (see
+            :func:`~neuroexapt.metrics.layer_metrics.importance_value`), reported as the
+            ``importance`` metric (per-unit scores also as ``unit_importance``).
 
     Returns:
         The :class:`AnalysisReport`, layers ranked by score.
@@ -188,7 +191,7 @@ def report_from_stats(
     task_type: str = "classification",
     loss_fn: Callable[..., torch.Tensor] | None = None,
     held_out: Batch | None = None,
-    mi_method: str = "renyi",
+    mi_method: str = "ksg",
     importance: str | ImportanceFn | None = None,
     batches: int = 0,
     ablate_top: int | None = None,
@@ -277,7 +280,10 @@ def _measure(
             m["information"] = information_retained(stats, mi_method)
         if importance_fn is not None:
             x, y = stats.samples()
-            m["importance"] = float(importance_fn(x, y if y is not None else x))
+            m["importance"], units = importance_value(importance_fn, name, x,
+                                                      y if y is not None else x)
+            if units is not None:
+                result.unit_importance = units.tolist()
         out.append(result)
     previous = None
     for result in out:

@@ -16,6 +16,7 @@ The four bottleneck metrics of the DNM design document:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,13 +33,14 @@ __all__ = [
     "activation_diversity",
     "get_importance_metric",
     "gradient_variance",
+    "importance_value",
     "information_retained",
     "list_importance_metrics",
     "register_importance_metric",
     "unit_scores",
 ]
 
-ImportanceFn = Callable[[torch.Tensor, torch.Tensor], float]
+ImportanceFn = Callable[[torch.Tensor, torch.Tensor], Any]
 UNIT_SCORE_KINDS = ("gradient", "activation", "entropy", "hybrid")
 
 
@@ -60,9 +62,10 @@ def activation_diversity(stats: LayerStats) -> dict[str, float]:
     return out
 
 
-def information_retained(stats: LayerStats, method: str = "renyi",
+def information_retained(stats: LayerStats, method: str = "ksg",
                          sigma: float | str | None = "median") -> float:
-    """I(L;Y) in nats from the layer's reservoir of pooled activations and labels."""
+    """I(L;Y) in nats from the layer's reservoir of pooled activations and labels
+    (``sigma`` is the bandwidth of ``method="renyi"``)."""
     x, y = stats.samples()
     if y is None:
         raise ConfigError(
@@ -138,7 +141,7 @@ def ablation_loss(
 
 
 def _mi(x: torch.Tensor, y: torch.Tensor) -> float:
-    return mutual_information(x, y, sigma="median")
+    return mutual_information(x, y)
 
 
 def _hsic(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -167,6 +170,49 @@ def get_importance_metric(name: str | ImportanceFn) -> ImportanceFn:
             f"{', '.join(list_importance_metrics())}"
         )
     return _IMPORTANCE[name]
+
+
+def importance_value(fn: ImportanceFn, layer: str, x: torch.Tensor, y: torch.Tensor
+                     ) -> tuple[float, torch.Tensor | None]:
+    """Call an importance metric on one layer and check what it returns.
+
+    ``fn(layer_output [N, D], target_output)`` may return a scalar (a Python number, a 0-d or
+    one-element tensor: the layer's importance) or a ``[D]`` tensor (one score per unit; the
+    layer's importance is then their mean). Returns ``(layer importance, per-unit scores or
+    None)``.
+
+    Raises:
+        ConfigError: ``fn`` raised, or returned something else, or a NaN or infinite value;
+            the message names the layer and the value.
+    """
+    name = getattr(fn, "__name__", type(fn).__name__)
+    try:
+        value = fn(x, y)
+    except Exception as e:
+        raise ConfigError(f"the importance metric {name} raised on layer '{layer}' "
+                          f"(layer_output {tuple(x.shape)}, target_output {tuple(y.shape)}): "
+                          f"{type(e).__name__}: {e}") from e
+    units = None
+    if isinstance(value, torch.Tensor) and value.numel() > 1:
+        if value.dim() != 1 or value.numel() != x.shape[1]:
+            raise ConfigError(
+                f"the importance metric {name} returned a tensor of shape {tuple(value.shape)} "
+                f"on layer '{layer}'; return a scalar (the layer's importance) or a "
+                f"[{x.shape[1]}] tensor (one score per unit)")
+        units = value.detach().to(torch.float64).cpu()
+        score = float(units.mean())
+    else:
+        try:
+            score = float(value.detach().reshape(()) if isinstance(value, torch.Tensor)
+                          else value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"the importance metric {name} returned {value!r} on layer "
+                              f"'{layer}'; return a number (the layer's importance) or a "
+                              f"[{x.shape[1]}] tensor (one score per unit)") from e
+    if not math.isfinite(score) or (units is not None and not bool(torch.isfinite(units).all())):
+        raise ConfigError(f"the importance metric {name} returned a non-finite value on layer "
+                          f"'{layer}': {value!r}; return finite scores")
+    return score, units
 
 
 def list_importance_metrics() -> list[str]:

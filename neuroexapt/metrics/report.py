@@ -36,6 +36,8 @@ class LayerAnalysis:
     score: float = 0.0
     reasons: list[Reason] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # per-unit scores of a custom importance metric that returns one score per unit
+    unit_importance: list[float] | None = None
 
     @property
     def is_bottleneck(self) -> bool:

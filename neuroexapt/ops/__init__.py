@@ -4,7 +4,7 @@ from neuroexapt.ops.checkpoint import Checkpoint, load, replay, save
 from neuroexapt.ops.deepen import deepen
 from neuroexapt.ops.history import EditRecord, get_history
 from neuroexapt.ops.remove import remove_block
-from neuroexapt.ops.resize import narrow, unit_norms, widen
+from neuroexapt.ops.resize import narrow, narrow_many, unit_norms, widen
 from neuroexapt.ops.skip import add_skip
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "get_history",
     "load",
     "narrow",
+    "narrow_many",
     "remove_block",
     "replay",
     "save",

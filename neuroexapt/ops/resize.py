@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -14,10 +16,14 @@ from neuroexapt.errors import ConfigError, SurgeryError
 from neuroexapt.graph import Group, UnitPlan, resolve_layer, trace
 from neuroexapt.graph.groups import Member
 from neuroexapt.ops.apply import apply_plan
-from neuroexapt.ops.edit import require_resizable, run_edit
-from neuroexapt.ops.history import EditRecord, inputs_for
+from neuroexapt.ops.edit import count_parameters, require_resizable, run_edit
+from neuroexapt.ops.history import EditRecord, append_history, inputs_for, spec_of
+from neuroexapt.ops.transaction import model_outputs, transaction
+from neuroexapt.optim import migrate
 
-__all__ = ["narrow", "unit_entries", "unit_norms", "widen"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["narrow", "narrow_many", "unit_entries", "unit_norms", "widen"]
 
 Strategy = Literal["split", "zero"]
 
@@ -282,3 +288,98 @@ def _kept_units(
     assert remove is not None
     gone = set(_check_units(group, list(remove), "remove"))
     return [u for u in range(group.size) if u not in gone]
+
+
+def narrow_many(
+    model: nn.Module,
+    remove: Mapping[str, Sequence[int]],
+    *,
+    example_inputs: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> list[EditRecord]:
+    """Remove units from several groups at once, with one trace: one pruning round.
+
+    ``remove`` maps a layer name to the unit indices to remove from the group it produces.
+    Every group is resized as by :func:`narrow` (and recorded as one ``narrow`` each, so a
+    checkpoint replays them), but the model is traced once for all of them: a member that
+    follows another group's entries along the same tensor dimension (after a concatenation)
+    is moved back by the entries removed before it. Groups that a module handler resizes
+    (``custom`` members, such as attention) are re-traced before their turn. All or nothing:
+    if any group fails, the model, the optimizer and the history are restored, and the model's
+    output shapes are checked on ``example_inputs`` at the end.
+
+    Returns:
+        The :class:`EditRecord` of each group, in the order given.
+
+    Raises:
+        ConfigError: an empty mapping, two layers of the same group, or bad unit indices.
+        SurgeryError: a group that may not shrink, or that would lose every unit.
+    """
+    if not isinstance(remove, Mapping) or not remove:
+        raise ConfigError("narrow_many needs a non-empty {layer: [units to remove]} mapping")
+    wanted = {resolve_layer(model, layer): _as_index_list(units, f"remove['{layer}']")
+              for layer, units in remove.items()}
+    inputs = inputs_for(model, example_inputs, "narrow_many")
+    records: list[EditRecord] = []
+    with transaction(model, optimizer):
+        shapes = [o.shape for o in model_outputs(model, inputs)]
+        graph = trace(model, inputs)
+        groups: dict[int, str] = {}
+        for name in wanted:
+            group = graph.group_of(name)
+            require_resizable(group, name)
+            if group.id in groups:
+                raise ConfigError(f"'{name}' and '{groups[group.id]}' produce the same units; "
+                                  "name each group once")
+            groups[group.id] = name
+        # entries removed so far along each (module, tensor, dim): (offset, count) pairs
+        removed: dict[tuple[str, str, int], list[tuple[int, int]]] = {}
+        for name, units in wanted.items():
+            original = graph.group_of(name)
+            if any(m.role == "custom" for m in original.members):
+                # its handler reads the model as it is now: trace again, and count offsets
+                # in the new graph from here on
+                graph, removed = trace(model, inputs), {}
+                original = graph.group_of(name)
+            group = _moved_back(original, removed)
+            gone = set(_check_units(group, units, f"narrow '{name}'"))
+            kept = [u for u in range(group.size) if u not in gone]
+            if not kept:
+                raise SurgeryError(f"narrow would remove all {group.size} units of '{name}'")
+            if not gone:
+                raise ConfigError(f"narrow of '{name}' removes no unit")
+            _check_segments(group, sorted(gone), f"narrow '{name}'")
+            before = count_parameters(model)
+            param_map = apply_plan(model, group, UnitPlan.keep(torch.tensor(kept)))
+            if optimizer is not None:
+                migrate(optimizer, param_map)
+            for m in original.members:  # offsets as the traced graph has them
+                if m.tensor and m.role != "custom":
+                    removed.setdefault((m.module, m.tensor, m.dim), []).append(
+                        (m.offset, len(gone) * m.block))
+            record = EditRecord("narrow", name, {"layer": name, "keep": kept}, spec_of(inputs),
+                                before, count_parameters(model), param_map)
+            append_history(model, record)
+            records.append(record)
+        after = [o.shape for o in model_outputs(model, inputs)]
+        if after != shapes:
+            raise SurgeryError(f"narrow_many changed the output shapes from {shapes} to "
+                               f"{after}")
+    logger.info("narrow_many: %d groups, parameters %d -> %d", len(records),
+                records[0].params_before, records[-1].params_after)
+    return records
+
+
+def _moved_back(group: Group, removed: Mapping[tuple[str, str, int], list[tuple[int, int]]]
+                ) -> Group:
+    """``group`` with each member's offset reduced by the entries removed before it.
+
+    Offsets, the member's and those in ``removed``, are all the traced graph's (before any
+    removal), so the order in which groups were resized does not matter.
+    """
+    members = []
+    for m in group.members:
+        shift = sum(count for offset, count in removed.get((m.module, m.tensor, m.dim), [])
+                    if offset < m.offset)
+        members.append(dataclasses.replace(m, offset=m.offset - shift) if shift else m)
+    return dataclasses.replace(group, members=members)

@@ -62,21 +62,23 @@ class OptimizerWatch:
         """The optimizers seen stepping the model's parameters, oldest first."""
         return [o for o in (r() for r in self._found) if o is not None]
 
-    def optimizer(self, what: str) -> torch.optim.Optimizer:
-        """The one optimizer that trains the model; :class:`ConfigError` for none or several."""
+    def optimizer(self, what: str, fix: str = "pass DNMFramework(model, config, "
+                  "optimizer=optimizer)") -> torch.optim.Optimizer:
+        """The one optimizer that trains the model; :class:`ConfigError` for none or several.
+
+        ``what`` names the caller and ``fix`` says how to hand the optimizer over instead.
+        """
         found = self.found
         if len(found) == 1:
             return found[0]
         if not found:
             raise ConfigError(
                 f"{what} needs the optimizer that trains the model, and none has stepped its "
-                "parameters yet: call it after optimizer.step(), or pass "
-                "DNMFramework(model, config, optimizer=optimizer)")
+                f"parameters yet: call it after optimizer.step(), or {fix}")
         names = ", ".join(type(o).__name__ for o in found)
         raise ConfigError(
             f"{what}: {len(found)} optimizers ({names}) step this model's parameters, so it "
-            "cannot tell which one to migrate; pass DNMFramework(model, config, "
-            "optimizer=the_one_to_migrate)")
+            f"cannot tell which one to migrate; {fix} (the one to migrate)")
 
     def close(self) -> None:
         """Remove the global hook."""

@@ -1,11 +1,10 @@
 """Pruning to a target: remove the units that carry the least information per unit of cost.
 
-:func:`prune_to` removes, for real (:func:`neuroexapt.narrow`), units of every resizable inner
-group until the model's parameters or MACs fall by ``amount``. It works in ``steps`` rounds
-on a linear schedule (each round re-traces and re-measures), and in each round removes the
-units with the lowest ``score / cost`` over all groups at once. The rounds run inside one
-:func:`~neuroexapt.graph.graph_cache`: the first narrow of a round reuses the round's trace,
-so the model is traced once per narrow (plus once for a last round that removes nothing):
+:func:`prune_to` removes, for real (:func:`neuroexapt.ops.narrow_many`), units of every
+resizable inner group until the model's parameters, MACs or measured latency fall by
+``amount``. It works in ``steps`` rounds on a linear schedule (each round re-measures), and in
+each round removes the units with the lowest ``score / cost`` over all groups at once, in one
+transaction with one trace of the model:
 
 * ``score="information"`` (default): the information about the target that removing the unit
   loses, estimated to first order on ``batches`` labelled batches. Removing unit ``u`` zeroes
@@ -17,11 +16,27 @@ so the model is traced once per narrow (plus once for a last round that removes 
   back to the unit's own weights (``"out"`` and ``"pass"`` members).
 * ``score="norm"``: the L2 norm of the unit's incoming weights (magnitude pruning).
 
-``cost`` is what removing the unit saves: parameters (every parameter entry of the group
-that belongs to the unit) or MACs (those entries of Conv/Linear weights times the positions
-where the layer runs, measured on the example). A round never removes more than
-``max_fraction`` of a group's units, nor its last one; groups tied to the output, frozen or
-split in equal segments (GroupNorm, grouped convolutions) are left alone.
+``cost`` is what removing the unit saves:
+
+* ``by="parameters"``: every parameter entry of the group that belongs to the unit;
+* ``by="macs"``: those entries of Conv/Linear weights times the positions where the layer runs,
+  measured on the example;
+* ``by="latency"``: seconds, from the latencies of the model's modules measured on the first
+  batch on the machine it runs on (:func:`neuroexapt.measure_latency`): each module's time is
+  shared among the units of its output (and, for a module that maps some groups to others,
+  a Conv or a Linear, of its input), so a channel of a 32x32 layer, where convolutions,
+  normalisation, activations and pooling all run on 16 times more positions, costs more than
+  one of an 8x8 layer. The target is the measured latency of the whole forward.
+
+``round_to`` keeps every pruned group larger than ``round_to`` units at a multiple of it:
+vector units and GEMM kernels process channels in blocks of 8 or 16 (AVX2 / AVX-512 float32,
+tensor cores), and a layer of 61 channels runs no faster than one of 64. Such a group is
+rounded to the nearest multiple when it is pruned (never below ``round_to``); smaller groups
+are pruned unit by unit. The default ``"auto"`` is 8; an explicit value larger than every
+prunable group is a :class:`ConfigError`; ``None`` turns rounding off. A round never removes
+more than ``max_fraction`` of a group's units (before rounding), nor its last one; groups
+tied to the output, frozen or split in equal segments (GroupNorm, grouped convolutions) are
+left alone.
 
 Example:
     >>> result = prune_to(model, train_batches[:8], 0.5, by="parameters", optimizer=opt)
@@ -40,11 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuroexapt.errors import AnalysisError, ConfigError, NeuroExaptError
-from neuroexapt.graph import graph_cache, trace
+from neuroexapt.errors import AnalysisError, ConfigError
+from neuroexapt.graph import ModelGraph, graph_cache, trace
 from neuroexapt.graph.groups import Group, Member
-from neuroexapt.metrics.cost import count_macs
-from neuroexapt.ops import EditRecord, narrow
+from neuroexapt.graph.layout import Layout
+from neuroexapt.metrics.cost import count_macs, measure_latency
+from neuroexapt.ops import EditRecord, narrow_many
 from neuroexapt.ops.edit import count_parameters
 from neuroexapt.ops.resize import unit_entries, unit_norms
 
@@ -53,7 +69,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["PRUNE_COSTS", "PRUNE_SCORES", "PruneResult", "prune_to"]
 
 PRUNE_SCORES: tuple[str, ...] = ("information", "norm")
-PRUNE_COSTS: tuple[str, ...] = ("parameters", "macs")
+PRUNE_COSTS: tuple[str, ...] = ("parameters", "macs", "latency")
+AUTO_ROUND_TO = 8  # round_to="auto": float32 channels per AVX-256 register, tensor-core tile
 Batch = tuple[Any, torch.Tensor]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
@@ -69,27 +86,33 @@ class PruneResult:
     rounds: int
     units_removed: int
     records: list[EditRecord] = field(default_factory=list)
+    # measured seconds of one forward of the first batch (by="latency" only)
+    latency_before: float | None = None
+    latency_after: float | None = None
 
 
 def prune_to(
     model: nn.Module, data: Iterable[Batch], amount: float, *, by: str = "parameters",
     score: str = "information", loss_fn: LossFn = F.cross_entropy, batches: int = 8,
-    steps: int = 5, max_fraction: float = 0.5,
+    steps: int = 5, max_fraction: float = 0.5, round_to: int | str | None = "auto",
     optimizer: torch.optim.Optimizer | None = None,
 ) -> PruneResult:
-    """Remove units until ``by`` (parameters or MACs of one sample) falls by ``amount``.
+    """Remove units until ``by`` (parameters, MACs of one sample, or the measured latency of
+    the first batch) falls by ``amount``.
 
     Args:
         model: the model, edited in place.
         data: ``(inputs, targets)`` batches; the first ``batches`` are used to score units
             (the model is run in eval mode; its ``.grad`` fields are restored afterwards).
         amount: the share to remove, in (0, 1).
-        by: ``"parameters"`` or ``"macs"``.
+        by: ``"parameters"``, ``"macs"`` or ``"latency"`` (see the module docstring).
         score: ``"information"`` or ``"norm"`` (see the module docstring).
         loss_fn: the task loss (cross-entropy by default; MSE for regression).
         batches: labelled batches used per round.
         steps: rounds of the linear schedule.
         max_fraction: the largest share of a group removed in one round.
+        round_to: keep pruned groups at multiples of this many units (``"auto"``: 8;
+            None: any size; see the module docstring).
         optimizer: optimizer whose state follows every edit.
 
     Returns:
@@ -97,45 +120,78 @@ def prune_to(
         warning says so).
 
     Raises:
-        ConfigError: bad arguments.
+        ConfigError: bad arguments, or a ``round_to`` larger than every prunable group.
         AnalysisError: ``data`` yields no batch, or the loss is not finite.
     """
-    _check(amount, by, score, batches, steps, max_fraction)
+    _check(amount, by, score, batches, steps, max_fraction, round_to)
+    step = AUTO_ROUND_TO if round_to == "auto" else round_to
     probe = [b for _, b in zip(range(batches), data, strict=False)]
     if not probe:
         raise AnalysisError("prune_to got no batch; pass (inputs, targets) batches as data=")
     example = _inputs(probe[0][0])
     one = tuple(t[:1] for t in example)
     params0, macs0 = count_parameters(model), count_macs(model, one)
-    base = params0 if by == "parameters" else macs0
-    goal = base * (1.0 - amount)
-    records: list[EditRecord] = []
-    rounds = removed = 0
     with graph_cache(model):
+        if round_to != "auto":
+            _check_round_to(trace(model, example), step)
+        latency0 = measure_latency(model, example)[0] if by == "latency" else None
+        base = {"parameters": params0, "macs": macs0, "latency": latency0}[by]
+        assert base is not None
+        goal = base * (1.0 - amount)
+        records: list[EditRecord] = []
+        rounds = removed = 0
+        current = base
         for rounds in range(1, 3 * steps + 1):
-            current = count_parameters(model) if by == "parameters" else count_macs(model, one)
+            if rounds > 1:
+                current = _measure(model, by, one, example)
             if current <= goal:
                 rounds -= 1
                 break
-            target = max(goal, base * (1.0 - amount * min(rounds, steps) / steps))
+            # the next point of the linear schedule below the current value (a round rounded
+            # to multiples of round_to may have gone past several)
+            point = rounds
+            target = max(goal, base * (1.0 - amount * min(point, steps) / steps))
+            while target >= current and point < steps:
+                point += 1
+                target = max(goal, base * (1.0 - amount * point / steps))
             done, units = _round(model, probe, example, current - target, current, by, score,
-                                 loss_fn, max_fraction, optimizer)
+                                 loss_fn, max_fraction, step, optimizer)
             if not done:
-                logger.warning("prune_to stopped at %d of the target %d %s: no unit left that "
-                               "may be removed", current, int(goal), by)
+                logger.warning("prune_to stopped at %.4g of the target %.4g %s: no unit left "
+                               "that may be removed", current, goal, by)
                 break
             records.extend(done)
             removed += units
+        latency = measure_latency(model, example)[0] if by == "latency" else None
     result = PruneResult(params0, count_parameters(model), macs0, count_macs(model, one),
-                         rounds, removed, records)
+                         rounds, removed, records, latency0, latency)
     logger.info("prune_to: parameters %d -> %d, MACs %d -> %d in %d rounds",
                 result.parameters_before, result.parameters_after, result.macs_before,
                 result.macs_after, rounds)
     return result
 
 
+def _measure(model: nn.Module, by: str, one: tuple[torch.Tensor, ...],
+             example: tuple[torch.Tensor, ...]) -> float:
+    if by == "parameters":
+        return count_parameters(model)
+    if by == "macs":
+        return count_macs(model, one)
+    return measure_latency(model, example)[0]
+
+
+def _check_round_to(graph: ModelGraph, round_to: int | None) -> None:
+    """A ``round_to`` that leaves no group prunable is a mistake: say so before any work."""
+    groups = [g for g in graph.groups if _eligible(g)]
+    if round_to is None or not groups or any(g.size > round_to for g in groups):
+        return
+    raise ConfigError(f"round_to={round_to} is larger than every prunable layer (the largest "
+                      f"has {max(g.size for g in groups)} units), so nothing could be "
+                      "pruned; pass a smaller round_to, or round_to=None")
+
+
 def _check(amount: float, by: str, score: str, batches: int, steps: int,
-           max_fraction: float) -> None:
+           max_fraction: float, round_to: int | str | None) -> None:
     if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 < amount < 1:
         raise ConfigError(f"amount must be a share in (0, 1), got {amount!r}")
     if by not in PRUNE_COSTS:
@@ -147,27 +203,35 @@ def _check(amount: float, by: str, score: str, batches: int, steps: int,
             raise ConfigError(f"{name} must be a positive int, got {value!r}")
     if not 0 < max_fraction <= 1:
         raise ConfigError(f"max_fraction must be in (0, 1], got {max_fraction!r}")
+    if round_to is not None and round_to != "auto" and (
+            isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ConfigError(f"round_to must be a positive int, 'auto' or None, got {round_to!r}")
 
 
 def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ...],
            need: float, current: float, by: str, score: str, loss_fn: LossFn,
-           max_fraction: float, optimizer: torch.optim.Optimizer | None
+           max_fraction: float, round_to: int | None, optimizer: torch.optim.Optimizer | None
            ) -> tuple[list[EditRecord], int]:
     """One round: remove the cheapest-information units worth about ``need`` of ``by``."""
     graph = trace(model, example)
     groups = [g for g in graph.groups if _eligible(g)]
     if not groups:
         return [], 0
-    positions = _positions(model, example)
-    costs = {g.id: _unit_cost(model, g, by, positions) for g in groups}
+    if by == "latency":
+        costs, estimated = _latency_costs(model, graph, groups, example)
+    else:
+        positions = _positions(model, example)
+        costs = {g.id: _unit_cost(model, g, by, positions) for g in groups}
+        estimated = _estimated_total(model, by, positions)
     scores = (_information(model, groups, probe, loss_fn) if score == "information"
               else {g.id: unit_norms(model, g).sqrt() for g in groups})
     # the estimate of what a unit saves is scaled so that the estimates add up to the total
-    scale = current / max(1.0, _estimated_total(model, by, positions))
-    ranked = sorted((float(scores[g.id][u]) / max(float(costs[g.id][u]), 1e-12), g.id, u)
+    scale = current / max(estimated, 1e-12)
+    ranked = sorted((float(scores[g.id][u]) / max(float(costs[g.id][u]), 1e-30), g.id, u)
                     for g in groups for u in range(g.size))
     caps = {g.id: min(g.size - 1, int(max_fraction * g.size)) for g in groups}
     chosen: dict[int, list[int]] = {g.id: [] for g in groups}
+    by_id = {g.id: g for g in groups}
     saved = 0.0
     for _, gid, unit in ranked:
         if saved >= need:
@@ -175,19 +239,75 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
         if len(chosen[gid]) < caps[gid]:
             chosen[gid].append(unit)
             saved += float(costs[gid][unit]) * scale
-    records, removed = [], 0
-    by_id = {g.id: g for g in groups}
+    if round_to is not None:
+        order = {g.id: [u for _, gid, u in ranked if gid == g.id] for g in groups}
+        rounded = _rounded({k: v for k, v in chosen.items() if by_id[k].size > round_to},
+                           {g.id: g.size for g in groups}, order, round_to)
+        chosen.update(rounded)
+    remove = {by_id[gid].producers[0]: units for gid, units in chosen.items() if units}
+    if not remove:
+        return [], 0
+    records = narrow_many(model, remove, example_inputs=example, optimizer=optimizer)
+    return records, sum(len(u) for u in remove.values())
+
+
+def _rounded(chosen: dict[int, list[int]], sizes: dict[int, int], order: dict[int, list[int]],
+             step: int) -> dict[int, list[int]]:
+    """``chosen`` with each group's new size moved to the nearest multiple of ``step`` (at
+    least ``step``; keeping the group as it is counts as a choice too), taking or giving back
+    units in ``order`` (least valuable first). When every group rounds to no change, the group
+    with the most chosen units is cut to the next multiple below, so a round always removes
+    something while any group can shrink."""
+    out: dict[int, list[int]] = {}
     for gid, units in chosen.items():
-        if not units:
+        size = sizes[gid]
+        left = size - len(units)
+        below = max(step, (left // step) * step)
+        options = [size] + [m for m in (below, below + step) if m < size]
+        new = min(options, key=lambda m: (abs(m - left), -m))
+        out[gid] = order[gid][: size - new]
+    if chosen and not any(out.values()):
+        gid = max(chosen, key=lambda g: (len(chosen[g]), -g))
+        size = sizes[gid]
+        new = ((size - 1) // step) * step
+        if chosen[gid] and new >= step:
+            out[gid] = order[gid][: size - new]
+    return out
+
+
+def _latency_costs(model: nn.Module, graph: ModelGraph, groups: list[Group],
+                   example: tuple[torch.Tensor, ...]) -> tuple[dict[int, torch.Tensor], float]:
+    """Measured seconds each unit's removal saves (see the module docstring), and their sum
+    over every unit of every group (the estimate of the whole model's latency)."""
+    _, times = measure_latency(model, example, modules=list(graph.calls))
+    per_unit: dict[int, float] = {}
+    for node in graph.graph.nodes:
+        name = str(node.target)
+        if node.op != "call_module" or name not in times:
             continue
-        layer = by_id[gid].producers[0]
-        try:
-            records.append(narrow(model, layer, remove=units, example_inputs=example,
-                                  optimizer=optimizer))
-            removed += len(units)
-        except NeuroExaptError as e:  # the group changed under an earlier edit of this round
-            logger.info("prune_to: '%s' skipped: %s", layer, e)
-    return records, removed
+        seconds = times[name] / len(graph.calls[name])
+        out = _layout_of(graph.layouts.get(node))
+        source = node.args[0] if node.args else None
+        inp = _layout_of(graph.layouts.get(source)) if source is not None else None
+        sides = [x for x in (out, inp) if x is not None]
+        if out is not None and inp is not None and out.gids == inp.gids:
+            sides = [out]  # an element-wise module, a pooling: one set of units
+        for lay in sides:
+            features = sum(seg.features for seg in lay.segments)
+            for seg in lay.segments:
+                if seg.gid is not None and features:
+                    per_unit[seg.gid] = per_unit.get(seg.gid, 0.0) + \
+                        seconds * seg.block / features
+    costs = {g.id: torch.full((g.size,), per_unit.get(g.id, 0.0), dtype=torch.float64)
+             for g in groups}
+    total = sum(per_unit.get(g.id, 0.0) * g.size for g in graph.groups)
+    return costs, total
+
+
+def _layout_of(value: object) -> Layout | None:
+    if isinstance(value, tuple):
+        value = value[0] if value else None
+    return value if isinstance(value, Layout) else None
 
 
 def _eligible(group: Group) -> bool:

@@ -26,6 +26,7 @@ from neuroexapt.metrics.report import AnalysisReport
 from neuroexapt.ops import EditRecord, narrow, unit_norms
 from neuroexapt.ops.edit import count_parameters
 from neuroexapt.ops.transaction import model_outputs
+from neuroexapt.optim.discover import OptimizerWatch
 from neuroexapt.policy.connections import ConnectionGrowthManager
 from neuroexapt.policy.criteria import Criteria
 from neuroexapt.policy.expansion import EXPAND_METHODS, Expander, measure_bypass
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXPAND_METHODS", "MONITOR_METRICS", "NeuroExapt", "facade_of"]
 
 MONITOR_METRICS: tuple[str, ...] = ("entropy", "mi_gain", "struct_complexity")
+# criteria metrics that are estimated from class labels: none exist for regression
+LABEL_METRICS = frozenset({"mutual_information", "information", "information_lost",
+                           "redundancy"})
 # models wrapped by a NeuroExapt, so that a Trainer finds the facade of its model
 _WRAPPED: weakref.WeakKeyDictionary[nn.Module, NeuroExapt] = weakref.WeakKeyDictionary()
 Batch = tuple[Any, torch.Tensor]
@@ -53,11 +57,16 @@ class NeuroExapt:
             model's output distribution raises structural entropy.
         lam: lambda of the redundancy formula.
 
+    Edits made through the facade migrate the optimizer that trains the model: the one given
+    as ``optimizer=``, else :attr:`optimizer` (a :class:`~neuroexapt.Trainer` sets its own),
+    else the one optimizer seen stepping the model's parameters since :meth:`wrap_model`
+    (PyTorch's global step hooks); several such optimizers are a :class:`ConfigError`.
+
     Example:
         >>> ne = NeuroExapt(task_type="classification", depth=18, entropy_weight=0.5)
         >>> model = ne.wrap_model(model)
         >>> ne.measure(val_loader)
-        >>> ne.prune_layers(criteria="entropy<0.2", optimizer=opt)
+        >>> ne.prune_layers(criteria="entropy<0.2")
     """
 
     def __init__(self, task_type: str = "classification", depth: int | None = None,
@@ -80,6 +89,8 @@ class NeuroExapt:
         self._connections = ConnectionGrowthManager()  # pairs connected stay connected
         self._steps = 0
         self._pending_kl = 0.0  # KL(p_old || p_new) of edits since the last measurement
+        self.optimizer: torch.optim.Optimizer | None = None  # migrated by every edit
+        self._watch: OptimizerWatch | None = None
 
     # ------------------------------------------------------------------ set-up
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -88,23 +99,45 @@ class NeuroExapt:
             raise ConfigError(f"wrap_model expects an nn.Module, got {type(model).__name__}")
         self.model = model
         _WRAPPED[model] = self
+        if self._watch is not None:
+            self._watch.close()
+        self._watch = OptimizerWatch(model)
         if self.depth is None:
             self.depth = max(1, sum(isinstance(m, nn.Linear | nn.modules.conv._ConvNd)
                                     for m in model.modules()))
         return model
 
-    def set_importance_metric(self, fn: Callable[[torch.Tensor, torch.Tensor], float]) -> None:
-        """Use ``fn(layer_output [N, D], target_output) -> score`` as layer importance."""
+    def set_importance_metric(self, fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> None:
+        """Use ``fn(layer_output, target_output) -> importance_score`` as layer importance.
+
+        ``layer_output`` is a ``[N, D]`` float tensor: N recorded samples of the layer's D
+        units (channels averaged over positions); ``target_output`` is what the layer should
+        inform: the ``[N]`` class labels (classification) or the ``[N, K]`` targets
+        (regression). The score is a number (the layer's importance), or a ``[D]`` tensor
+        (one score per unit, for unit-level decisions; the layer's importance is their mean).
+
+        ``fn`` is called at every measurement (:meth:`measure`, and every epoch of a
+        :class:`~neuroexapt.Trainer` while a monitor or this metric is set). Its score is the
+        ``importance`` of criteria (``ne.prune_layers(criteria="importance < 0.1")``: a
+        per-unit score selects units, a layer score the layer's units) and weighs the
+        Trainer's pruning: each layer's entropy threshold is multiplied by ``2 (1 - q)``,
+        ``q`` its importance quantile among the gated layers, and per-unit scores choose which
+        of a layer's candidate units go first. A metric that raises, or returns NaN, infinity
+        or a tensor of another shape, is a :class:`ConfigError` naming the layer and value.
+        """
         if not callable(fn):
-            raise ConfigError(f"set_importance_metric expects a callable, got {fn!r}")
+            raise ConfigError(f"set_importance_metric expects a callable "
+                              f"fn(layer_output, target_output) -> score, got {fn!r}")
         self._importance = fn
 
     def monitor(self, metrics: Sequence[str] = MONITOR_METRICS,
                 log_dir: str | None = None) -> dict[str, list[float]]:
         """Record ``metrics`` at every :meth:`measure`; returns the (live) history.
 
-        ``entropy``: mean unit entropy over the layers (nats); ``mi_gain``: change of the total
-        information the layers keep about the target since the last measurement;
+        A :class:`~neuroexapt.Trainer` measures the model after every epoch while a monitor is
+        set, so the history gains one value per metric and epoch, readable while training
+        runs. ``entropy``: mean unit entropy over the layers (nats); ``mi_gain``: change of
+        the total information the layers keep about the target since the last measurement;
         ``struct_complexity``: the structural entropy S of the balance formula. With
         ``log_dir``, TensorBoard scalars and ``history.jsonl`` are written there.
         """
@@ -117,9 +150,17 @@ class NeuroExapt:
         return self.history
 
     # ------------------------------------------------------------------ measurements
-    def measure(self, data: Iterable[Batch], batches: int = 4) -> AnalysisReport:
-        """Analyse the wrapped model on ``batches`` batches of ``data``."""
+    def measure(self, data: Iterable[Batch] | None = None, batches: int = 4) -> AnalysisReport:
+        """Analyse the wrapped model on ``batches`` batches of ``data``.
+
+        Without ``data``, the batches of the last measurement are used again (after
+        :meth:`~neuroexapt.Trainer.fit`: the Trainer's validation batches).
+        """
         model = self._require_model()
+        if data is None:
+            if not self._probe:
+                raise ConfigError(_NO_DATA)
+            data = self._probe
         self._probe = list(_take(data, batches))
         if not self._probe:
             raise ConfigError("measure got no batch; pass (inputs, targets) batches")
@@ -162,9 +203,15 @@ class NeuroExapt:
         # never select), not 0 (with which "mi < 0.1" would empty every layer in regression)
         info = metrics.get("information", math.nan)
         budget = h_o * math.exp(-self.lam * (self.depth or 1))
+        # the custom importance metric when one is set: per unit, or the layer's score
+        importance: Any = (scores / scores.max().clamp(min=1e-30)).float()
+        if report[layer].unit_importance is not None:
+            importance = torch.tensor(report[layer].unit_importance, dtype=torch.float32)
+        elif "importance" in metrics:
+            importance = metrics["importance"]
         values: dict[str, Any] = {
             "entropy": unit_entropy(x).float(),
-            "importance": (scores / scores.max().clamp(min=1e-30)).float(),
+            "importance": importance,
             "mutual_information": info,
             "information": info,
             "information_lost": metrics.get("information_lost", math.nan),
@@ -187,16 +234,26 @@ class NeuroExapt:
                      optimizer: torch.optim.Optimizer | None = None) -> list[EditRecord]:
         """Remove, for real, the units that ``criteria`` selects in every measured layer.
 
-        Per-unit metrics: ``entropy`` (nats), ``importance`` (0..1), ``dead_fraction``;
+        Per-unit metrics: ``entropy`` (nats), ``importance`` (0..1: the hybrid of gradient and
+        activation scores; a custom metric's score once one is set, per unit or per layer),
+        ``dead_fraction``;
         per-layer: ``mutual_information``, ``redundancy``, ``sensitivity``,
         ``information_lost``, ``gradient_variance``, ``rank_ratio``. A layer whose every unit
         is selected keeps its most important unit; layers whose units cannot be resized (the
         output) are skipped with the reason logged. The model is measured again afterwards.
         """
         rule = Criteria.parse(criteria)
+        needs_labels = sorted(rule.names & LABEL_METRICS)
+        if needs_labels and self.task_type != "classification":
+            raise ConfigError(
+                f"criteria {criteria!r} uses {', '.join(needs_labels)}, estimated from class "
+                f"labels only; task_type={self.task_type!r} has none. Use entropy, importance, "
+                "sensitivity, gradient_variance, rank_ratio, dead_fraction or norm")
+        model = self._require_model()
+        optimizer = self._optimizer_for(optimizer, "prune_layers")
         if data is not None:
             self.measure(data)
-        report, model = self._require_report(), self._require_model()
+        report = self._require_report()
         inputs = self._inputs()
         before = self._outputs()
         records = []
@@ -208,7 +265,8 @@ class NeuroExapt:
             if not chosen:
                 continue
             if len(chosen) == len(values["entropy"]):
-                keep = int(values["importance"].argmax())
+                rank = values["importance"]
+                keep = int(rank.argmax()) if isinstance(rank, torch.Tensor) else 0
                 chosen = [u for u in chosen if u != keep]
             try:
                 records.append(narrow(model, layer, remove=chosen, example_inputs=inputs,
@@ -227,6 +285,7 @@ class NeuroExapt:
         ``amount`` (see :func:`neuroexapt.prune_to`; the loss follows ``task_type``).
         The model is measured again on ``data`` afterwards."""
         model = self._require_model()
+        optimizer = self._optimizer_for(optimizer, "prune_to")
         loss = F.cross_entropy if self.task_type == "classification" else F.mse_loss
         batches = list(_take(data, 8))
         before = self._outputs()
@@ -255,9 +314,11 @@ class NeuroExapt:
             raise ConfigError(f"unknown method {method!r}; valid: {', '.join(EXPAND_METHODS)}")
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ConfigError(f"num_layers must be a positive int, got {num_layers!r}")
+        model = self._require_model()
+        optimizer = self._optimizer_for(optimizer, "expand_layers")
         if data is not None:
             self.measure(data)
-        report, model = self._require_report(), self._require_model()
+        report = self._require_report()
         inputs = self._inputs()
         loss = F.cross_entropy if self.task_type == "classification" else F.mse_loss
         expander = Expander(connections=self._connections)
@@ -285,8 +346,19 @@ class NeuroExapt:
 
     def _require_report(self) -> AnalysisReport:
         if self.report is None:
-            raise ConfigError("nothing measured yet: call ne.measure(loader) or pass data=")
+            raise ConfigError(_NO_DATA)
         return self.report
+
+    def _optimizer_for(self, given: torch.optim.Optimizer | None, what: str
+                       ) -> torch.optim.Optimizer | None:
+        """The optimizer an edit migrates (see the class docstring); None when none exists."""
+        if given is not None:
+            return given
+        if self.optimizer is not None:
+            return self.optimizer
+        if self._watch is None or not self._watch.found:
+            return None  # nothing has trained the model yet: no state can go stale
+        return self._watch.optimizer(f"ne.{what}", fix="pass optimizer= to ne." + what)
 
     def _outputs(self) -> torch.Tensor | None:
         """The model's eval-mode outputs on the probe's first batch (classification only)."""
@@ -308,6 +380,10 @@ class NeuroExapt:
     def parameters_count(self) -> int:
         """Parameters of the wrapped model."""
         return count_parameters(self._require_model())
+
+
+_NO_DATA = ("nothing measured yet: call ne.measure(loader) with (inputs, targets) batches, pass "
+            "data=, or train with neuroexapt.Trainer first (it measures on its validation data)")
 
 
 def _take(data: Iterable[Batch], n: int) -> Iterable[Batch]:

@@ -12,6 +12,11 @@ validates, keeps the best checkpoint and, every ``evolve_every`` epochs, evolves
   feedback halves after a rolled-back change and recovers by 25% after each kept one;
 * **task complexity**: a layer never loses units below a total gate capacity of H(Y), the
   label entropy measured on the validation targets (classification);
+* **layer importance** (with ``NeuroExapt.set_importance_metric``): each layer's threshold is
+  multiplied by ``2 (1 - q)``, ``q`` the quantile of the layer's importance among the gated
+  layers (ties share one), so the least important layer is pruned at twice the threshold, the
+  most important not at all, and the mean pressure is unchanged; per-unit scores choose which
+  of a layer's candidates go first;
 * **pruning**: a residual block all of whose gates pass less than ``threshold_t`` nats is
   replaced by its shortcut (``remove_block``); elsewhere the units whose gate passes less than
   ``threshold_t`` are removed for real (``narrow``), at most ``max_prune_fraction`` of a layer
@@ -23,6 +28,12 @@ validates, keeps the best checkpoint and, every ``evolve_every`` epochs, evolves
 
 The gates' ``mu`` are folded into the layers before every change and at the end of ``fit``, so
 the model returned computes what the gated model computes in eval mode.
+
+Measurements: the model's facade (:class:`NeuroExapt`, the one that wrapped it) measures the
+model on the first validation batches after every epoch while a monitor or a custom importance
+metric is set, and at the end of ``fit`` in any case, so ``ne.prune_layers()``,
+``ne.expand_layers()`` and ``ne.measure()`` work after ``fit`` without data; edits made through
+the facade migrate the Trainer's optimizer, so a second ``fit`` trains what they added.
 """
 
 from __future__ import annotations
@@ -111,6 +122,7 @@ class Trainer:
         self.device = torch.device(device) if device is not None else next(
             iter(model.parameters()), torch.empty(0)).device
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+        self.ne.optimizer = self.optimizer  # edits through the facade migrate it
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         classification = self.ne.task_type == "classification"
         self.loss_fn = loss_fn or (F.cross_entropy if classification else F.mse_loss)
@@ -121,6 +133,7 @@ class Trainer:
         self.recalibrate_batches = recalibrate_batches
         self.feedback = 1.0
         self.ib: InformationBottleneck | None = None
+        self._gate_of: dict[str, str] = {}  # measured layer -> the gate that follows it
         self.label_entropy: float | None = None  # H(Y) of the validation targets, nats
         self._gate_opt: torch.optim.Optimizer | None = None
         self.history: dict[str, list[float]] = {
@@ -132,12 +145,14 @@ class Trainer:
         """New gates on every hidden Conv/Linear layer (not the output)."""
         graph = trace(self.model, example)
         names = []
+        self._gate_of = {}
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Linear | nn.modules.conv._ConvNd) and \
                     len(graph.calls.get(name, [])) == 1:
                 try:
                     if graph.group_of(name).resizable:
                         names.append(_norm_after(self.model, graph, name) or name)
+                        self._gate_of[name] = names[-1]
                 except NeuroExaptError:
                     continue
         if not names:
@@ -167,6 +182,7 @@ class Trainer:
                               if self.ne.task_type == "classification" else None)
         best, pending = -math.inf, None
         bar = _bar(range(1, epochs + 1), self.progress)
+        fresh = False  # the facade's report describes the model as it is
         for epoch in bar:
             train_loss = self._train_epoch(train_loader)
             self._recalibrate(train_loader)
@@ -175,13 +191,20 @@ class Trainer:
             if metric > best and self.checkpoint_dir is not None:
                 best = metric
                 self._checkpoint()
+            fresh = False
+            if self.ne.history or self.ne._importance is not None:
+                self.ne.measure(val)  # monitor values and the importance of this epoch
+                fresh = True
             pruned = 0
             if epoch % self.evolve_every == 0 and epoch < epochs:
                 pending, pruned = self._evolve(epoch, epochs, val, metric)
+                fresh = fresh and pending is None
             self._log(train_loss, val_loss, metric, epoch, epochs, pruned)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(val=f"{metric:.4f}", params=count_parameters(self.model))
         self._absorb()
+        if not fresh:  # so that ne.prune_layers() and friends work after fit
+            self.ne.measure(val)
         return self.history
 
     def _train_epoch(self, loader: Iterable[Batch]) -> float:
@@ -258,14 +281,19 @@ class Trainer:
         limit = self.threshold(epoch, epochs)
         info = self.ib.unit_information()
         blocks = _silent_blocks(info, limit) if limit > 0 else []
+        weights, unit_scores = self._importance()
         chosen = {}
-        # a threshold of 0 nats selects nothing (no unit passes less than 0 nats)
-        for layer, units in (self.ib.prunable(limit) if limit > 0 else {}).items():
-            cap = int(self.max_prune_fraction * info[layer].numel())
+        for layer, values in info.items():
+            layer_limit = limit * weights.get(layer, 1.0)
+            # a threshold of 0 nats selects nothing (no unit passes less than 0 nats)
+            units = torch.nonzero(values < layer_limit).flatten().tolist() \
+                if layer_limit > 0 else []
+            cap = int(self.max_prune_fraction * values.numel())
             if units and cap:
-                order = sorted(units, key=lambda u: float(info[layer][u]))
+                rank = unit_scores.get(layer, values)  # least important (or informative) first
+                order = sorted(units, key=lambda u: float(rank[u]))
                 chosen[layer] = self._keep_capacity(
-                    info[layer], order[: min(cap, info[layer].numel() - 1)], layer)
+                    values, order[: min(cap, values.numel() - 1)], layer)
         chosen = {k: v for k, v in chosen.items() if v}
         if not chosen and not blocks and not self.expand:
             return None, 0
@@ -304,6 +332,32 @@ class Trainer:
                 logger.info("epoch %d: expansion skipped: %s", epoch, e)
         self._gate(example)
         return (snapshot, metric), removed
+
+    def _importance(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Per gate: the threshold factor ``2 (1 - q)`` and the per-unit scores of the custom
+        importance metric (both empty without one; see the module docstring)."""
+        report = self.ne.report
+        if self.ne._importance is None or report is None:
+            return {}, {}
+        scores: dict[str, float] = {}
+        units: dict[str, torch.Tensor] = {}
+        for layer, gate in self._gate_of.items():
+            try:
+                measured = report[layer]
+            except KeyError:
+                continue
+            if "importance" in measured.metrics:
+                scores[gate] = measured.metrics["importance"]
+                if measured.unit_importance is not None:
+                    units[gate] = torch.tensor(measured.unit_importance)
+        if len(scores) < 2:
+            return {}, units
+        ordered = sorted(set(scores.values()))
+        span = len(ordered) - 1
+        weights = {g: 2.0 * (1.0 - ordered.index(v) / span) for g, v in scores.items()}
+        logger.info("importance weights of the entropy threshold: %s",
+                    ", ".join(f"{g} x{w:.2f}" for g, w in weights.items()))
+        return weights, units
 
     def _keep_capacity(self, info: torch.Tensor, order: list[int], layer: str) -> list[int]:
         """``order`` cut so that the layer keeps a total gate capacity of at least H(Y).

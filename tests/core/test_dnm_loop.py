@@ -137,7 +137,7 @@ def test_two_optimizers_on_the_model_are_refused_by_name(digits: dict[str, Data]
     snap = snapshot_model(model)
     with pytest.raises(ConfigError, match=r"2 optimizers \(SGD, Adam\) step this model's "
                                           r"parameters.*pass DNMFramework\(model, config, "
-                                          r"optimizer=the_one_to_migrate\)"):
+                                          r"optimizer=optimizer\) \(the one to migrate\)"):
         dnm.execute_morphogenesis(1)
     assert_model_unchanged(model, snap)
     assert get_history(model) == []

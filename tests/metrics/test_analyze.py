@@ -15,6 +15,7 @@ from torch import nn
 import neuroexapt
 from neuroexapt.errors import AnalysisError, ConfigError
 from neuroexapt.metrics import BOTTLENECK_METRICS, DEFAULT_THRESHOLDS, AnalysisReport
+from neuroexapt.metrics.analyze import report_from_stats
 from neuroexapt.metrics.estimators import hsic
 from neuroexapt.train.digits import DigitsCNN, load_digits, train_epochs
 
@@ -252,6 +253,29 @@ def test_importance_callable(cnn: DigitsCNN, loader: Batches) -> None:
     for x in report.layers:
         assert x.metrics["importance"] == x.units
         assert "importance" not in x.scores  # reported, not scored
+
+
+def test_ablate_top_measures_sensitivity_on_the_candidates_only(
+        report: AnalysisReport, cnn: DigitsCNN, loader: Batches) -> None:
+    order = report.order
+    cheap = [m for m in BOTTLENECK_METRICS if m != "performance_sensitivity"]
+    ranked = report_from_stats(cnn, report.stats, order, metrics=cheap, batches=4)
+    top = {x.name for x in ranked.layers[:2]}
+    full = report_from_stats(cnn, report.stats, order, held_out=loader[0], batches=4)
+    part = report_from_stats(cnn, report.stats, order, held_out=loader[0], batches=4,
+                             ablate_top=2)
+    measured = {x.name for x in part.layers if "performance_sensitivity" in x.metrics}
+    assert measured == top and len(top) == 2
+    for x in part.layers:
+        if x.name in top:  # the same value as when every layer is ablated
+            assert x.metrics["performance_sensitivity"] == pytest.approx(
+                full[x.name].metrics["performance_sensitivity"])
+            assert set(x.scores) == set(BOTTLENECK_METRICS)
+        else:  # scored on the other metrics alone, nothing stale left from the ranking
+            assert set(x.scores) == set(cheap)
+            assert x.score == pytest.approx(sum(x.scores.values()) / len(x.scores))
+    with pytest.raises(ConfigError, match="ablate_top"):
+        report_from_stats(cnn, report.stats, order, held_out=loader[0], ablate_top=0)
 
 
 def test_unused_layer_is_reported_as_never_ran(cnn: DigitsCNN, loader: Batches) -> None:

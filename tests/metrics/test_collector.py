@@ -394,6 +394,31 @@ def test_running_moments_merge_equals_single_pass() -> None:
     assert merged.all_reduce_() is merged  # no-op without torch.distributed
 
 
+def test_float64_batches_keep_float64_precision() -> None:
+    data = torch.randn(300, 4, dtype=torch.float64) * 1e-3 + 1e4  # float32 would lose this
+    m = RunningMoments(4)
+    m.update(data[:100])
+    m.update(data[100:])
+    torch.testing.assert_close(m.var, data.var(0), atol=0, rtol=1e-9)
+
+
+def test_update_fraction_equals_update_on_zeros_and_ones() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 5, generator=gen)
+    valid = torch.rand(3, 50, 5, generator=gen) > 0.2
+    counted, direct = RunningMoments(5), RunningMoments(5)
+    for i in range(3):
+        hits = x[i] <= 0
+        counted.update_fraction(hits, valid[i] if i else None)  # the first batch all valid
+        ones = hits.double()
+        direct.update(ones if i == 0 else ones.masked_fill(~valid[i], torch.nan))
+    for a, b in ((counted.count, direct.count), (counted.mean, direct.mean),
+                 (counted.var, direct.var)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    with pytest.raises(ConfigError, match="bool batch"):
+        counted.update_fraction(x[0])
+
+
 def test_memory_does_not_grow_with_batches() -> None:
     model = conv_net()
     c = ActivationCollector(model, reservoir=8, saturation=1.0)

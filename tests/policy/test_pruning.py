@@ -36,7 +36,8 @@ def test_reaches_the_target_with_smaller_tensors(by: str, amount: float) -> None
     data = _batches()
     x = data[0][0]
     before_shapes = {n: p.shape for n, p in model.named_parameters()}
-    result = neuroexapt.prune_to(model, data, amount, by=by, optimizer=optimizer)
+    result = neuroexapt.prune_to(model, data, amount, by=by, optimizer=optimizer,
+                                 round_to=None)  # unit granularity: the target is met closely
     measured = (neuroexapt.count_macs(model, x[:1]) if by == "macs"
                 else sum(p.numel() for p in model.parameters()))
     base = result.macs_before if by == "macs" else result.parameters_before
@@ -65,7 +66,8 @@ def test_units_that_nothing_reads_go_first() -> None:
     data = [(torch.randn(32, 8, generator=gen), torch.randint(0, 3, (32,), generator=gen))
             for _ in range(2)]
     before = model[0].weight.detach().clone()
-    neuroexapt.prune_to(model, data, 0.2, by="parameters", steps=1)  # 4 units of 25
+    neuroexapt.prune_to(model, data, 0.2, by="parameters", steps=1,
+                        round_to=None)  # 4 units of 25
     assert model[0].out_features == 12
     kept = [u for u in range(16) if u not in dead]
     assert torch.equal(model[0].weight, before[kept])
@@ -159,3 +161,84 @@ def test_count_macs_matches_the_formula() -> None:
     assert macs == 2 * (8 * 3 * 9 * 16 + 8 * 16 * 5)
     with pytest.raises(ConfigError, match="example_inputs"):
         neuroexapt.count_macs(model, [1, 2])
+
+
+def test_round_to_keeps_pruned_layers_at_multiples() -> None:
+    """Groups larger than round_to end at multiples of it; smaller ones at any size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.ReLU(), nn.Conv2d(20, 44, 3),
+                          nn.ReLU(), nn.Conv2d(44, 6, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 12 * 12, 10))
+    result = neuroexapt.prune_to(model, _batches(), 0.4, by="macs")
+    assert result.macs_after <= 0.6 * result.macs_before
+    assert model[0].out_channels % 8 == 0 and model[2].out_channels % 8 == 0
+    assert model[0].out_channels >= 8 and model[2].out_channels >= 8
+    model = _cnn(width=12)
+    neuroexapt.prune_to(model, _batches(), 0.3, round_to=4)
+    assert model[0].out_channels % 4 == 0 and model[4].out_channels % 4 == 0
+
+
+def test_round_to_larger_than_every_layer_is_named() -> None:
+    model = _cnn(width=16)  # groups of 16 and 32 units
+    with pytest.raises(ConfigError, match="round_to=32 is larger than every prunable layer "
+                                          r"\(the largest has 32 units\).*round_to=None"):
+        neuroexapt.prune_to(model, _batches(1), 0.3, round_to=32)
+    for bad in (0, 2.5, True, "eight"):
+        with pytest.raises(ConfigError, match="round_to must be a positive int, 'auto' or None"):
+            neuroexapt.prune_to(model, _batches(1), 0.3, round_to=bad)
+    assert model[0].out_channels == 16  # nothing was done
+
+
+def _work(model: nn.Module, example: object, *, modules: list[str] | None = None,
+          **_: object) -> tuple[float, dict[str, float]]:
+    """A deterministic stand-in for measure_latency: each module's "seconds" are its output
+    elements times its input channels (a conv), or its output elements (anything else)."""
+    inputs = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    names = modules if modules is not None else [n for n, m in model.named_modules()
+                                                 if not list(m.children())]
+    spent: dict[str, float] = {}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: spent.__setitem__(n, spent.get(n, 0.0) + 1e-9 * o.numel() * (
+            m.in_channels * m.kernel_size[0] ** 2 if isinstance(m, nn.Conv2d) else 1)))
+        for n in names]
+    with torch.no_grad():
+        model(*inputs)
+    for h in handles:
+        h.remove()
+    return sum(spent.values()), spent
+
+
+def test_latency_cost_prefers_high_resolution_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channel of the first conv's group (computed and read at 32x32) costs more time but
+    fewer parameters than one of the second conv's (read at 8x8 after pooling): pruned by
+    latency, the first group shrinks and the second keeps more than when pruned by
+    parameters. The timings are made deterministic (see _work)."""
+    def net() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),   # 32x32
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),  # 32x32
+            nn.MaxPool2d(4),
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),  # 8x8
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    monkeypatch.setattr("neuroexapt.policy.pruning.measure_latency", _work)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,),
+                                                                      generator=gen))]
+    fast, small = net(), net()
+    result = neuroexapt.prune_to(fast, data, 0.4, by="latency", score="norm", steps=2)
+    neuroexapt.prune_to(small, data, 0.4, by="parameters", score="norm", steps=2)
+    assert result.latency_before is not None and result.latency_after is not None
+    assert result.latency_after <= 0.6 * result.latency_before
+    assert fast[0].out_channels < small[0].out_channels
+    assert fast[3].out_channels > small[3].out_channels
+
+
+def test_measure_latency_times_the_model_and_its_modules() -> None:
+    model = _cnn()
+    total, per_module = neuroexapt.measure_latency(model, torch.randn(8, 3, 16, 16), repeats=3)
+    assert total > 0 and set(per_module) == {str(i) for i in range(len(model))}
+    assert all(t > 0 for t in per_module.values())
+    with pytest.raises(ConfigError, match="repeats must be an int >= 1"):
+        neuroexapt.measure_latency(model, torch.randn(8, 3, 16, 16), repeats=0)

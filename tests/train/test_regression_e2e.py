@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuroexapt
+from neuroexapt.errors import ConfigError
 
 WIDTH = 64
 HIDDEN = ("0", "2", "4")  # the hidden Linear layers; "6" is the output
@@ -115,10 +116,11 @@ def test_measure_and_prune_layers_for_regression(data: dict) -> None:
     values = ne.layer_values("2")
     assert values["entropy"].shape == values["importance"].shape == (WIDTH,)
     assert values["sensitivity"] > 0  # measured: 2.28 (MSE rise when the layer is ablated)
-    # I(L;O) is not estimated for regression: NaN, so criteria on it select nothing (they
-    # used to read 0 and "mi < 0.1" cut every hidden layer down to one unit: R^2 -0.14).
+    # I(L;O) is not estimated for regression: NaN, and criteria on it are refused (they used
+    # to read 0 and "mi < 0.1" cut every hidden layer down to one unit: R^2 -0.14).
     assert math.isnan(values["mutual_information"]) and math.isnan(values["redundancy"])
-    assert ne.prune_layers(criteria="mi < 0.1", optimizer=opt) == []
+    with pytest.raises(ConfigError, match="estimated from class labels only"):
+        ne.prune_layers(criteria="mi < 0.1", optimizer=opt)
     assert _params(model) == _params(_mlp())
 
     # Units that never fire on the probe. Measured: 7 of '2' and 9 of '4'; test R^2 unchanged.
