@@ -7,8 +7,13 @@ Bottleneck" (ICML 2018). Each unit ``i`` of a named layer's output ``h`` is gate
     eval:      z_i = h_i * mu_i
 
 ``eps`` is drawn per sample and unit and shared over the other dims (the spatial positions of
-a channel of a Conv / BatchNorm output, whose units are dim 1; the middle dims of a Linear
-output, whose units are the last dim). The regulariser, in nats, is
+a channel of a Conv output, whose units are dim 1; the middle dims of a Linear output, whose
+units are the last dim). A gate on an affine BatchNorm draws one ``eps`` per unit and batch
+instead and is folded into the BatchNorm's scale and shift for the duration of its forward
+(``weight * g``, ``bias * g``), so it costs no pass over the activations: the gated output is
+the same function of ``g``, each sample's gate has the same N(mu, sigma^2) distribution and
+the expected loss is the same; only samples of one batch share their draw. The regulariser, in
+nats, is
 
     R = info_weight * sum_layers sum_units 0.5 * log(1 + mu_i**2 / sigma_i**2)
 
@@ -85,6 +90,16 @@ def _unit_dim(module: nn.Module, ndim: int) -> int:
     return 1
 
 
+_SAVED = "_neuroexapt_gate_saved"  # a gated BatchNorm's own weight and bias during its forward
+
+
+def _fold_out(module: nn.Module, args: Any, output: Any) -> None:
+    """After a gated BatchNorm's forward (also when it raised): its own weight and bias back."""
+    saved = module.__dict__.pop(_SAVED, None)
+    if saved is not None:
+        module._parameters["weight"], module._parameters["bias"] = saved
+
+
 def _key(name: str) -> str:
     """A ParameterDict key for a module name ('.' is not allowed in parameter names)."""
     return name.replace(".", "/") or "<model>"
@@ -138,8 +153,13 @@ class InformationBottleneck(nn.Module):
             self.mu[_key(name)] = nn.Parameter(torch.ones(units, **like))
             self.log_sigma2[_key(name)] = nn.Parameter(torch.full((units,), init_log_sigma2,
                                                                   **like))
-        self._handles = [m.register_forward_hook(partial(self._gate, n))
-                         for n, m in self._targets.items()]
+        self._handles: list[Any] = []
+        for n, m in self._targets.items():
+            if isinstance(m, _BatchNorm):  # folded into its scale and shift: no extra pass
+                self._handles += [m.register_forward_pre_hook(partial(self._fold_in, n)),
+                                  m.register_forward_hook(_fold_out, always_call=True)]
+            else:
+                self._handles.append(m.register_forward_hook(partial(self._gate, n)))
         self._absorbed = False
         self._deterministic = False
 
@@ -159,6 +179,24 @@ class InformationBottleneck(nn.Module):
         eps = torch.randn(noise, device=output.device, dtype=output.dtype)
         sigma = torch.exp(0.5 * log_sigma2)
         return output * (mu.view(view) + sigma.view(view) * eps)
+
+    def _fold_in(self, name: str, module: nn.Module, args: Any) -> None:
+        """Before a gated BatchNorm's forward: its weight and bias times the gate ``g``."""
+        mu, log_sigma2 = self.mu[_key(name)], self.log_sigma2[_key(name)]
+        if module.num_features != mu.numel():
+            raise ConfigError(
+                f"layer '{name}' has {module.num_features} units but its gate has "
+                f"{mu.numel()}: the layer was resized after the gates were made; absorb() "
+                "before resizing and make a new InformationBottleneck")
+        gate = mu
+        if module.training and not self._deterministic:
+            eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype)
+            gate = mu + torch.exp(0.5 * log_sigma2) * eps
+        params = module._parameters
+        weight, bias = params["weight"], params["bias"]
+        module.__dict__[_SAVED] = (weight, bias)
+        params["weight"] = weight * gate  # type: ignore[assignment,operator]
+        params["bias"] = bias * gate if bias is not None else None  # type: ignore[assignment]
 
     def _information(self, name: str) -> Tensor:
         mu, log_sigma2 = self.mu[_key(name)], self.log_sigma2[_key(name)]
@@ -232,6 +270,18 @@ class InformationBottleneck(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def strip(self, model: nn.Module) -> None:
+        """Remove these gates' hooks from a copy of the gated model (``copy.deepcopy`` copies
+        the hooks, which would gate the copy with these gates)."""
+        ids = {h.id for h in self._handles}
+        for name in self._targets:
+            module = model.get_submodule(name)
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                for key in ids & set(hooks):
+                    del hooks[key]
+            for key in ids & set(module._forward_hooks_always_called):
+                del module._forward_hooks_always_called[key]
 
     def __enter__(self) -> InformationBottleneck:
         return self

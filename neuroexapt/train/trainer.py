@@ -97,7 +97,7 @@ class Trainer:
         loss_fn: Callable[..., torch.Tensor] | None = None, evolve_every: int = 1,
         expand: bool = False, max_prune_fraction: float = 0.25,
         rollback_threshold: float = 0.05, checkpoint_dir: str | None = None,
-        progress: bool = True, recalibrate_batches: int = 10,
+        progress: bool = True, recalibrate_batches: int = 4,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -403,9 +403,7 @@ class Trainer:
         plain = copy.deepcopy(self.model)
         if self.ib is not None:  # fold the gates' eval-mode scale into the copy
             self.ib.fold_into(plain)
-            plain._forward_hooks.clear()
-            for module in plain.modules():
-                module._forward_hooks.clear()
+            self.ib.strip(plain)
         save(plain, self.checkpoint_dir / "best.pt")
 
     def _log(self, train_loss: float, val_loss: float, metric: float, epoch: int,

@@ -5,6 +5,7 @@ Measured numbers (seeded, torch CPU) are written next to the assertions they set
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -239,3 +240,43 @@ def test_bad_threshold_and_resized_layer() -> None:
     narrow(model, "0", remove=[0], example_inputs=torch.randn(2, 16))
     with pytest.raises(ConfigError, match="outputs 31 units but its gate has 32"):
         model(torch.randn(2, 16))
+
+
+def test_batchnorm_gate_is_folded_into_its_scale_and_shift() -> None:
+    """Gated BatchNorm = BatchNorm with weight * g and bias * g, g ~ N(mu, sigma^2) drawn once
+    per unit and batch; its own parameters are back after every forward (also one that
+    raises) and receive the gradient; a deep copy can be stripped of the gates."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    ib = InformationBottleneck(model, ["1"], info_weight=0.1)
+    with torch.no_grad():
+        ib.log_sigma2["1"].fill_(0.0)  # sigma = 1: a large, visible noise
+    bn = model[1]
+    weight, bias = bn.weight, bn.bias
+    x = torch.randn(8, 3, 6, 6)
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)
+    g = ib.mu["1"] + torch.randn(4)
+    ref = nn.functional.relu(nn.functional.batch_norm(
+        model[0](x), None, None, weight * g, bias * g, training=True))
+    torch.testing.assert_close(out, ref)
+    assert bn.weight is weight and bn.bias is bias and isinstance(bn.weight, nn.Parameter)
+    out.sum().backward()
+    assert weight.grad is not None and ib.mu["1"].grad is not None
+    with pytest.raises(RuntimeError):
+        model(torch.randn(8, 5, 6, 6))  # the conv refuses 5 channels
+    assert bn.weight is weight  # nothing is left half-done
+    copy_ = copy.deepcopy(model)
+    ib.strip(copy_)
+    assert not copy_[1]._forward_pre_hooks and not copy_[1]._forward_hooks
+    with torch.no_grad():
+        ib.mu["1"].copy_(torch.tensor([0.5, 1.0, 2.0, 0.0]))
+    model.eval()
+    copy_.eval()
+    with torch.no_grad():
+        h = model[0](x)
+        torch.testing.assert_close(model(x), nn.functional.relu(nn.functional.batch_norm(
+            h, bn.running_mean, bn.running_var, weight * ib.mu["1"], bias * ib.mu["1"])))
+        torch.testing.assert_close(copy_(x), nn.functional.relu(nn.functional.batch_norm(
+            h, bn.running_mean, bn.running_var, weight, bias)))  # the copy runs ungated
