@@ -7,7 +7,8 @@ each round removes the units with the lowest ``score / cost`` over all groups at
 transaction with one trace of the model:
 
 * ``score="information"`` (default): the information about the target that removing the unit
-  loses, estimated to first order on ``batches`` labelled batches. Removing unit ``u`` zeroes
+  loses, estimated to first order on labelled batches (each round on its share of the first
+  ``batches``, so the whole call reads each about once). Removing unit ``u`` zeroes
   the weights that read it (the ``"in"`` members of its group, every consumer included), so
   the loss, a cross-entropy in nats for classification, changes by ``d_b = -sum(theta * g)``
   over those weights on batch ``b``; the score is ``sqrt(mean_b d_b**2)``, in nats (the group
@@ -102,13 +103,14 @@ def prune_to(
 
     Args:
         model: the model, edited in place.
-        data: ``(inputs, targets)`` batches; the first ``batches`` are used to score units
-            (the model is run in eval mode; its ``.grad`` fields are restored afterwards).
+        data: ``(inputs, targets)`` batches; the first ``batches`` are used to score units,
+            each round on its share of them in turn, so that each is read about once (the
+            model is run in eval mode; its ``.grad`` fields are restored afterwards).
         amount: the share to remove, in (0, 1).
         by: ``"parameters"``, ``"macs"`` or ``"latency"`` (see the module docstring).
         score: ``"information"`` or ``"norm"`` (see the module docstring).
         loss_fn: the task loss (cross-entropy by default; MSE for regression).
-        batches: labelled batches used per round.
+        batches: labelled batches used for scoring, over all rounds.
         steps: rounds of the linear schedule.
         max_fraction: the largest share of a group removed in one round.
         round_to: keep pruned groups at multiples of this many units (``"auto"``: 8;
@@ -128,13 +130,15 @@ def prune_to(
     probe = [b for _, b in zip(range(batches), data, strict=False)]
     if not probe:
         raise AnalysisError("prune_to got no batch; pass (inputs, targets) batches as data=")
-    example = _inputs(probe[0][0])
-    one = tuple(t[:1] for t in example)
+    batch = _inputs(probe[0][0])  # latency is measured on the first batch as given
+    example = tuple(t[:2] for t in batch)  # tracing and shape checks need no more
+    one = tuple(t[:1] for t in batch)
+    share = -(-len(probe) // steps)  # batches scored per round: each read about once
     params0, macs0 = count_parameters(model), count_macs(model, one)
     with graph_cache(model):
         if round_to != "auto":
             _check_round_to(trace(model, example), step)
-        latency0 = measure_latency(model, example)[0] if by == "latency" else None
+        latency0 = measure_latency(model, batch)[0] if by == "latency" else None
         base = {"parameters": params0, "macs": macs0, "latency": latency0}[by]
         assert base is not None
         goal = base * (1.0 - amount)
@@ -143,7 +147,7 @@ def prune_to(
         current = base
         for rounds in range(1, 3 * steps + 1):
             if rounds > 1:
-                current = _measure(model, by, one, example)
+                current = _measure(model, by, one, batch)
             if current <= goal:
                 rounds -= 1
                 break
@@ -154,15 +158,17 @@ def prune_to(
             while target >= current and point < steps:
                 point += 1
                 target = max(goal, base * (1.0 - amount * point / steps))
-            done, units = _round(model, probe, example, current - target, current, by, score,
-                                 loss_fn, max_fraction, step, optimizer)
+            start = (rounds - 1) * share % len(probe)
+            scored = (probe + probe)[start : start + share]
+            done, units = _round(model, scored, example, batch, current - target, current, by,
+                                 score, loss_fn, max_fraction, step, optimizer)
             if not done:
                 logger.warning("prune_to stopped at %.4g of the target %.4g %s: no unit left "
                                "that may be removed", current, goal, by)
                 break
             records.extend(done)
             removed += units
-        latency = measure_latency(model, example)[0] if by == "latency" else None
+        latency = measure_latency(model, batch)[0] if by == "latency" else None
     result = PruneResult(params0, count_parameters(model), macs0, count_macs(model, one),
                          rounds, removed, records, latency0, latency)
     logger.info("prune_to: parameters %d -> %d, MACs %d -> %d in %d rounds",
@@ -172,12 +178,12 @@ def prune_to(
 
 
 def _measure(model: nn.Module, by: str, one: tuple[torch.Tensor, ...],
-             example: tuple[torch.Tensor, ...]) -> float:
+             batch: tuple[torch.Tensor, ...]) -> float:
     if by == "parameters":
         return count_parameters(model)
     if by == "macs":
         return count_macs(model, one)
-    return measure_latency(model, example)[0]
+    return measure_latency(model, batch)[0]
 
 
 def _check_round_to(graph: ModelGraph, round_to: int | None) -> None:
@@ -209,7 +215,8 @@ def _check(amount: float, by: str, score: str, batches: int, steps: int,
 
 
 def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ...],
-           need: float, current: float, by: str, score: str, loss_fn: LossFn,
+           batch: tuple[torch.Tensor, ...], need: float, current: float, by: str, score: str,
+           loss_fn: LossFn,
            max_fraction: float, round_to: int | None, optimizer: torch.optim.Optimizer | None
            ) -> tuple[list[EditRecord], int]:
     """One round: remove the cheapest-information units worth about ``need`` of ``by``."""
@@ -218,7 +225,7 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
     if not groups:
         return [], 0
     if by == "latency":
-        costs, estimated = _latency_costs(model, graph, groups, example)
+        costs, estimated = _latency_costs(model, graph, groups, batch)
     else:
         positions = _positions(model, example)
         costs = {g.id: _unit_cost(model, g, by, positions) for g in groups}
@@ -276,10 +283,10 @@ def _rounded(chosen: dict[int, list[int]], sizes: dict[int, int], order: dict[in
 
 
 def _latency_costs(model: nn.Module, graph: ModelGraph, groups: list[Group],
-                   example: tuple[torch.Tensor, ...]) -> tuple[dict[int, torch.Tensor], float]:
+                   batch: tuple[torch.Tensor, ...]) -> tuple[dict[int, torch.Tensor], float]:
     """Measured seconds each unit's removal saves (see the module docstring), and their sum
     over every unit of every group (the estimate of the whole model's latency)."""
-    _, times = measure_latency(model, example, modules=list(graph.calls))
+    _, times = measure_latency(model, batch, modules=list(graph.calls))
     per_unit: dict[int, float] = {}
     for node in graph.graph.nodes:
         name = str(node.target)
