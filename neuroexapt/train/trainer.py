@@ -14,8 +14,9 @@ validates, keeps the best checkpoint and, every ``evolve_every`` epochs, evolves
   label entropy measured on the validation targets (classification);
 * **layer importance** (with ``NeuroExapt.set_importance_metric``): each layer's threshold is
   multiplied by ``2 (1 - q)``, ``q`` the quantile of the layer's importance among the gated
-  layers (ties share one), so the least important layer is pruned at twice the threshold, the
-  most important not at all, and the mean pressure is unchanged; per-unit scores choose which
+  layers (its average rank over ``layers - 1``: ties share one, equal importances change
+  nothing), so the least important layer is pruned at twice the threshold, the most important
+  not at all, and the mean pressure is unchanged; per-unit scores choose which
   of a layer's candidates go first;
 * **pruning**: a residual block all of whose gates pass less than ``threshold_t`` nats is
   replaced by its shortcut (``remove_block``); elsewhere the units whose gate passes less than
@@ -352,9 +353,9 @@ class Trainer:
                     units[gate] = torch.tensor(measured.unit_importance)
         if len(scores) < 2:
             return {}, units
-        ordered = sorted(set(scores.values()))
-        span = len(ordered) - 1
-        weights = {g: 2.0 * (1.0 - ordered.index(v) / span) for g, v in scores.items()}
+        values = list(scores.values())
+        last = len(values) - 1  # quantile = average rank / last: ties share one, mean 0.5
+        weights = {g: 2.0 * (1.0 - _average_rank(v, values) / last) for g, v in scores.items()}
         logger.info("importance weights of the entropy threshold: %s",
                     ", ".join(f"{g} x{w:.2f}" for g, w in weights.items()))
         return weights, units
@@ -413,6 +414,12 @@ class Trainer:
                "threshold": self.threshold(epoch, epochs), "pruned_units": float(pruned)}
         for key, value in row.items():
             self.history[key].append(value)
+
+
+def _average_rank(value: float, values: list[float]) -> float:
+    """0-based rank of ``value`` among ``values``, ties given the mean of their ranks."""
+    below = sum(v < value for v in values)
+    return below + (sum(v == value for v in values) - 1) / 2
 
 
 def _units(module: nn.Module) -> int:

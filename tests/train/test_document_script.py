@@ -182,6 +182,20 @@ def test_custom_importance_weighs_the_trainers_pruning(digits: tuple) -> None:
                                                  "classifier.0": 8}
 
 
+def test_equal_importances_change_nothing(digits: tuple) -> None:
+    """Every layer equally important: every threshold keeps its factor 1 (a quarter of each
+    layer goes, as without a metric)."""
+    train_loader, val_loader = loaders(digits)
+    ne = neuroexapt.NeuroExapt()
+    model = ne.wrap_model(user_model())
+    ne.set_importance_metric(lambda out, _: 1.0)
+    trainer = neuroexapt.Trainer(model, entropy_threshold=5.0, max_prune_fraction=0.25,
+                                 progress=False)
+    trainer.fit(train_loader[:2], val_loader, epochs=2)
+    assert (model.features[0].out_channels, model.features[3].out_channels,
+            model.classifier[0].out_features) == (6, 12, 24)
+
+
 def test_per_unit_importance_selects_units(digits: tuple) -> None:
     train_loader, val_loader = loaders(digits)
     ne = neuroexapt.NeuroExapt()
