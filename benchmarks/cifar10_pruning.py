@@ -7,6 +7,10 @@ MACs removed) by two methods and fine-tuned with the same budget:
 * **neuroexapt**: :func:`neuroexapt.prune_to` with ``score="information"`` (the first-order
   loss of target information, in nats, of removing each unit, per MAC saved; global ranking,
   ``--steps`` rounds, scored on ``--score-batches`` training batches);
+* **neuroexapt-latency** (``--latency-arm``): :func:`neuroexapt.prune_to` with
+  ``by="latency"``: the same score per second saved, each module's latency measured on a batch
+  of 64 with ``--latency-threads`` threads, until the measured latency falls by the target
+  share (so its MACs differ from the other arms'; compare it by measured latency);
 * **torch-pruning**: ``torch_pruning.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)``
   (its default), uniform per-layer ratio, the ratio found by bisection so that the pruned
   model has the same MACs (``neuroexapt.count_macs``) as the target.
@@ -142,10 +146,16 @@ def train(model: nn.Module, data: Batches, epochs: int, lr: float) -> float:
 
 # ----------------------------------------------------------------------------- pruning
 def prune_neuroexapt(model: nn.Module, data: Batches, amount: float,
-                     args: argparse.Namespace) -> None:
+                     args: argparse.Namespace, by: str = "macs") -> None:
     batches = [b for _, b in zip(range(args.score_batches), data, strict=False)]
-    neuroexapt.prune_to(model, batches, amount, by="macs", score="information",
-                        steps=args.steps, batches=len(batches))
+    if by == "latency":  # measured on batches of 64 at the inference thread count
+        batches = [(x[:64], y[:64]) for x, y in batches]
+        torch.set_num_threads(args.latency_threads)
+    try:
+        neuroexapt.prune_to(model, batches, amount, by=by, score="information",
+                            steps=args.steps, batches=len(batches))
+    finally:
+        torch.set_num_threads(args.threads)
 
 
 def _tp_pruned(model: nn.Module, ratio: float, example: torch.Tensor) -> nn.Module:
@@ -197,6 +207,13 @@ def run_model(name: str, split: tuple[torch.Tensor, ...], args: argparse.Namespa
         prune_neuroexapt(model, Batches(x_tr, y_tr, BATCH, args.seed + 999), amount, args)
         prune_s = {"neuroexapt": time.perf_counter() - start}
         pruned["neuroexapt"] = model
+        if args.latency_arm:
+            fast = copy.deepcopy(dense)
+            start = time.perf_counter()
+            prune_neuroexapt(fast, Batches(x_tr, y_tr, BATCH, args.seed + 999), amount, args,
+                             by="latency")
+            prune_s["neuroexapt-latency"] = time.perf_counter() - start
+            pruned["neuroexapt-latency"] = fast
         start = time.perf_counter()
         tp_model, ratio = prune_torch_pruning(dense, base["macs"] * (1 - amount), example)
         prune_s["torch-pruning"] = time.perf_counter() - start
@@ -250,7 +267,8 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
 def table(result: dict[str, Any]) -> str:
     lines = ["| model | MACs cut | method | params | MACs | acc after prune % | "
              "acc after fine-tune % | change pts | b1 ms (dense) | b1 speedup | b64 ms (dense) "
-             "| b64 speedup |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| b64 speedup | prune s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, res in result["models"].items():
         d = res["dense"]
         lines.append(f"| {name} | 0% | dense | {d['params']:,} | {d['macs'] / 1e6:.1f}M | | "
@@ -261,7 +279,8 @@ def table(result: dict[str, Any]) -> str:
                 f"(-{r['param_cut_pct']:.0f}%) | {r['macs'] / 1e6:.1f}M | "
                 f"{r['acc_after_prune']:.2f} | {r['acc']:.2f} | {r['acc_change_pts']:+.2f} | "
                 f"{r['b1_ms']:.2f} ({r['dense_b1_ms']:.2f}) | {r['speedup_b1']:.2f}x | "
-                f"{r['b64_ms']:.1f} ({r['dense_b64_ms']:.1f}) | {r['speedup_b64']:.2f}x |")
+                f"{r['b64_ms']:.1f} ({r['dense_b64_ms']:.1f}) | {r['speedup_b64']:.2f}x | "
+                f"{r['prune_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -275,15 +294,16 @@ def plot(result: dict[str, Any], path: str) -> None:
     for ax, name in zip(axes[0], names, strict=True):
         res = result["models"][name]
         d = res["dense"]
-        ax.scatter([d["params"]], [d["acc"]], marker="*", s=150, c="k", label="dense")
-        for method, marker in (("neuroexapt", "o"), ("torch-pruning", "s")):
+        for method, marker in (("neuroexapt", "o"), ("neuroexapt-latency", "^"),
+                               ("torch-pruning", "s")):
             rows = [r for r in res["rows"] if r["method"] == method]
-            ax.plot([r["params"] for r in rows], [r["acc"] for r in rows], marker=marker,
-                    label=method)
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters")
+            if rows:
+                ax.plot([r["speedup_b64"] for r in rows], [r["acc"] for r in rows],
+                        marker=marker, label=method)
+        ax.scatter([1.0], [d["acc"]], marker="*", s=150, c="k")
+        ax.set_xlabel("measured speed-up at batch 64 (dense = 1)")
         ax.set_ylabel("test accuracy %")
-        ax.set_title(f"{name}: pruned to equal MACs, then fine-tuned")
+        ax.set_title(f"{name}: pruned, then fine-tuned")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -305,6 +325,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resnet-width", type=int, default=16, help="first width of ResNet-20")
     p.add_argument("--steps", type=int, default=5, help="rounds of neuroexapt.prune_to")
     p.add_argument("--score-batches", type=int, default=8)
+    p.add_argument("--latency-arm", action="store_true",
+                   help="also prune by measured latency (neuroexapt-latency)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads for training")
     p.add_argument("--latency-threads", type=int, default=1)

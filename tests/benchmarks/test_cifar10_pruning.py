@@ -20,14 +20,17 @@ def test_both_methods_reach_equal_macs_on_both_models(
                         "--finetune-epochs", "1", "--targets", "0.5", "--width", "8",
                         "--resnet-width", "8",
                         "--repeats", "3", "--threads", "1", "--score-batches", "1",
-                        "--json", str(out), "--plot", str(png)])
+                        "--latency-arm", "--json", str(out), "--plot", str(png)])
     assert code == 0 and png.stat().st_size > 0
     result = json.loads(out.read_text())
     assert set(result["models"]) == {"wide_cnn", "resnet20"}
     for name, res in result["models"].items():
         dense = res["dense"]
         rows = {r["method"]: r for r in res["rows"]}
-        assert set(rows) == {"neuroexapt", "torch-pruning"}, name
+        assert set(rows) == {"neuroexapt", "neuroexapt-latency", "torch-pruning"}, name
+        fast = rows.pop("neuroexapt-latency")  # pruned to a measured latency, not to MACs
+        assert fast["macs"] < dense["macs"] and fast["params"] < dense["params"]
+        assert fast["prune_s"] > 0 and fast["speedup_b64"] > 0
         for method, row in rows.items():
             # pruned for real, to (about) the MAC target, measured
             assert row["macs"] <= 0.5 * dense["macs"] * 1.001, (name, method)
