@@ -252,17 +252,22 @@ def narrow(
     def body() -> tuple[Any, dict[str, Any]]:
         group = trace(model, inputs).group_of(name)
         require_resizable(group, layer)
-        kept = _kept_units(model, group, remove, keep)
-        if not kept:
-            raise SurgeryError(f"narrow would remove all {group.size} units of '{layer}'")
-        if len(kept) == group.size:
-            raise ConfigError(f"narrow of '{layer}' removes no unit")
-        removed = [u for u in range(group.size) if u not in set(kept)]
-        _check_segments(group, removed, f"narrow '{layer}'")
+        kept = _check_kept(group, _kept_units(model, group, remove, keep), layer)
         plan = UnitPlan.keep(torch.tensor(kept, dtype=torch.long))
         return apply_plan(model, group, plan), {"layer": name, "keep": kept}
 
     return run_edit(model, optimizer, inputs, "narrow", name, False, body)
+
+
+def _check_kept(group: Group, kept: list[int], layer: str) -> list[int]:
+    """``kept`` (sorted unit indices), after checking that narrowing to them is an edit."""
+    if not kept:
+        raise SurgeryError(f"narrow would remove all {group.size} units of '{layer}'")
+    if len(kept) == group.size:
+        raise ConfigError(f"narrow of '{layer}' removes no unit")
+    removed = [u for u in range(group.size) if u not in set(kept)]
+    _check_segments(group, removed, f"narrow '{layer}'")
+    return kept
 
 
 def _kept_units(
@@ -343,12 +348,7 @@ def narrow_many(
                 original = graph.group_of(name)
             group = _moved_back(original, removed)
             gone = set(_check_units(group, units, f"narrow '{name}'"))
-            kept = [u for u in range(group.size) if u not in gone]
-            if not kept:
-                raise SurgeryError(f"narrow would remove all {group.size} units of '{name}'")
-            if not gone:
-                raise ConfigError(f"narrow of '{name}' removes no unit")
-            _check_segments(group, sorted(gone), f"narrow '{name}'")
+            kept = _check_kept(group, [u for u in range(group.size) if u not in gone], name)
             before = count_parameters(model)
             param_map = apply_plan(model, group, UnitPlan.keep(torch.tensor(kept)))
             if optimizer is not None:
