@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "api" / "dnm_framework.md"
 
@@ -63,7 +64,7 @@ def test_api_doc_snippet_runs_and_prints_as_many_lines(path: Path, index: int, t
     monkeypatch.chdir(tmp_path)
     code, shown = _blocks(path)[index]
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), torch.enable_grad():  # a snippet may turn it off
         exec(compile(code, str(path), "exec"), {"__name__": "guide"})
     printed = out.getvalue().splitlines()
     assert [x.split(" ")[0] for x in printed] == [x.split(" ")[0] for x in shown.splitlines()]
