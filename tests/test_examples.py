@@ -190,6 +190,8 @@ def test_neuroexapt_quickstart_runs(example, capsys) -> None:
     assert module.main(["--epochs", "3", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "parameters" in out and "test accuracy" in out
+    assert "monitored entropy per epoch: [" in out and out.count(", ") >= 2
+    assert "prune_layers('importance < 0.05')" in out and "expand_layers('mutate', 2)" in out
 
 
 @pytest.fixture
