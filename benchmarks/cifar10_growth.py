@@ -150,7 +150,6 @@ DNM_CONFIG: dict[str, Any] = {
     "growth_cost": "macs",
     "growth_by": 0.3,
     "growth_steps": 4,
-    "growth_multiple": 16,  # AVX-512: a conv with 40 channels takes as long as one with 48
 }
 
 
