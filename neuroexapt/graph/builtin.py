@@ -54,7 +54,13 @@ class ConvHandler(ProducerHandler):
         node: fx.Node,
     ) -> NodeLayout:
         if lay is None:
-            return self.output(ctx, node, module, name)
+            # its channels are its input's, which the tracer cannot follow (the model's input,
+            # a frozen reshape, an operation without a rule): resizing them alone would break
+            # the layer, so they stay as they are
+            out = self.output(ctx, node, module, name)
+            ctx.freeze([out], f"depthwise convolution '{name}' has as many channels as its "
+                       "input, which comes from where units cannot be resized", name)
+            return out
         mult = module.out_channels // module.in_channels
         out = lay.scaled(mult)
         ctx.consume(out, name, "weight", 0, "pass")

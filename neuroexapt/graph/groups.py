@@ -70,6 +70,10 @@ class Group:
         normalizers: modules that compute statistics over the units of each segment
             (LayerNorm, GroupNorm); widening such a group preserves the function only when every
             unit is duplicated equally.
+        extrema: reductions that take the maximum or minimum over the units (``amax``,
+            ``max(dim=...)``): copies of units keep them, fresh units may not.
+        sums: reductions that add the units together (``sum``, ``logsumexp``, ``norm``): any
+            new unit changes them, so only removing units is exact.
         frozen: reasons why the group cannot be resized (model output, unsupported operation).
         frozen_modules: modules without a handler that the units reach (for error messages).
     """
@@ -80,9 +84,17 @@ class Group:
     producers: list[str] = field(default_factory=list)
     segments: int = 1
     normalizers: list[str] = field(default_factory=list)
+    extrema: list[str] = field(default_factory=list)
+    sums: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     frozen_modules: list[str] = field(default_factory=list)
     output: bool = False  # the units are (or are tied to) the model's output
+
+    @property
+    def mixed(self) -> bool:
+        """True when some operation combines the units with one another (a normalisation or
+        a reduction over them), so that a new unit can change the others' effect."""
+        return bool(self.normalizers or self.extrema or self.sums)
 
     @property
     def resizable(self) -> bool:
@@ -155,6 +167,8 @@ class GroupBuilder:
         ga.producers.extend(p for p in gb.producers if p not in ga.producers)
         ga.segments = math.lcm(ga.segments, gb.segments)
         ga.normalizers.extend(gb.normalizers)
+        ga.extrema.extend(gb.extrema)
+        ga.sums.extend(gb.sums)
         ga.frozen.extend(gb.frozen)
         ga.frozen_modules.extend(gb.frozen_modules)
         ga.output = ga.output or gb.output
@@ -197,6 +211,8 @@ class GroupBuilder:
             target = self.get(piece)
             target.producers.extend(p for p in group.producers if p not in target.producers)
             target.normalizers.extend(group.normalizers)
+            target.extrema.extend(group.extrema)
+            target.sums.extend(group.sums)
         group.members = []
         group.frozen.append(f"split into the parts of a concatenation at {where}")
 
@@ -231,6 +247,16 @@ class GroupBuilder:
         group.segments = math.lcm(group.segments, segments)
         if normalizer is not None:
             group.normalizers.append(normalizer)
+
+    def reduce(self, gid: int, kind: str, where: str) -> None:
+        """Record a reduction over the units of ``gid``: ``kind`` is ``"mean"``, ``"extremum"``
+        or ``"sum"`` (see :class:`Group`)."""
+        root = self.find(gid)
+        targets = [p for p, _ in self._pieces(root)] if root in self.refined else [root]
+        for target in targets:
+            group = self.get(target)
+            {"mean": group.normalizers, "extremum": group.extrema, "sum": group.sums}[kind] \
+                .append(where)
 
     def finish(self) -> tuple[list[Group], dict[int, int]]:
         """Renumbered root groups and the map from every id to its root's new id."""

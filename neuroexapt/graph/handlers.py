@@ -260,9 +260,25 @@ def mark_leaf(module_type: type[nn.Module]) -> None:
     _bump()
 
 
+_COMPUTE = ("forward", "_conv_forward")  # the methods whose override changes what a layer does
+
+
 def is_registered_leaf(module: nn.Module) -> bool:
-    """True when ``module``'s own type was registered or marked as a leaf."""
-    return type(module) in _REGISTRY or type(module) in _LEAVES
+    """True when ``module``'s type, or a base class whose computation it inherits unchanged,
+    was registered or marked as a leaf.
+
+    A subclass that only changes ``__init__`` (``class MyConv(nn.Conv2d): pass``,
+    transformers' ``EfficientNetDepthwiseConv2d``) computes what its base computes, so the
+    base's handler describes it; one that overrides ``forward`` is traced into instead.
+    """
+    cls = type(module)
+    if cls in _REGISTRY or cls in _LEAVES:
+        return True
+    for base in cls.__mro__[1:]:
+        if base in _REGISTRY or base in _LEAVES:
+            return all(getattr(cls, name, None) is getattr(base, name, None)
+                       for name in _COMPUTE)
+    return False
 
 
 def node_module(root: nn.Module, node: fx.Node) -> Any:

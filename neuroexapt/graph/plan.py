@@ -33,6 +33,14 @@ class UnitPlan:
         """Number of units after the edit."""
         return int(self.index.numel())
 
+    @property
+    def selects(self) -> bool:
+        """True when the plan only keeps and reorders units (no copies, fresh units or noise):
+        then every member's tensor is indexed the same way whatever its role."""
+        return (not bool(self.fresh.any()) and self.noise == 0
+                and bool((self.scale == 1).all())
+                and self.index.unique().numel() == self.index.numel())
+
     @classmethod
     def keep(cls, keep: torch.Tensor) -> UnitPlan:
         """A plan that keeps the units ``keep`` (in that order) and drops the others."""

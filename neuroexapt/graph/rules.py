@@ -46,8 +46,14 @@ _BINARY = {
     operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
 }
 _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}
-_REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min,
+           torch.logsumexp, torch.norm, torch.prod, torch.std, torch.var}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin", "max", "min", "logsumexp", "norm", "prod",
+                   "std", "var"}
+# what a reduction across the units does with copies of units (see Group): a mean keeps its
+# value when every unit is copied equally, an extremum whatever the copies; the rest change
+_REDUCE_KIND = {"mean": "mean", "amax": "extremum", "amin": "extremum", "max": "extremum",
+                "min": "extremum"}
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "type", "get_device", "item"}
 
 
@@ -202,17 +208,30 @@ def _reduce(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     lay = _first(ctx, node)
     if lay is None:
         return None
-    dims = _arg(node, 1, "dim")
-    keep = bool(_arg(node, 2, "keepdim", False))
-    if dims is None:
-        return _unknown(ctx, node, f"reduction '{node.target}' over every dim")
+    name = getattr(node.target, "__name__", str(node.target))
+    if name == "norm":  # norm(input, p, dim, keepdim)
+        dims, keep = _arg(node, 2, "dim"), bool(_arg(node, 3, "keepdim", False))
+    elif name in ("std", "var"):  # (input, dim, unbiased | correction=..., keepdim)
+        dims, keep = _arg(node, 1, "dim"), bool(node.kwargs.get("keepdim", False))
+    else:
+        dims, keep = _arg(node, 1, "dim"), bool(_arg(node, 2, "keepdim", False))
+    if name in ("max", "min") and isinstance(dims, fx.Node):
+        return _binary(ctx, node)  # max(a, b) of two tensors is element-wise
+    tuple_out = name in ("max", "min") and dims is not None  # (values, indices)
+    if dims is None:  # every dim
+        dims = list(range(lay.ndim))
     dims = [d % lay.ndim for d in (dims if isinstance(dims, tuple | list) else [dims])]
     if lay.dim in dims:
-        return _unknown(ctx, node, f"reduction '{node.target}' across the units")
+        for gid in lay.gids:
+            ctx.groups.reduce(gid, _REDUCE_KIND.get(name, "sum"),
+                              f"'{name}' at node '{node.name}'")
+        return (None, None) if tuple_out else None
     if keep:
-        return lay
-    shift = sum(1 for d in dims if d < lay.dim)
-    return lay.with_dim(lay.dim - shift, lay.ndim - len(dims))
+        out = lay
+    else:
+        shift = sum(1 for d in dims if d < lay.dim)
+        out = lay.with_dim(lay.dim - shift, lay.ndim - len(dims))
+    return (out, None) if tuple_out else out
 
 
 def _transpose(ctx: BuildContext, node: fx.Node) -> NodeLayout:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,14 +16,16 @@ from torch.fx.passes.shape_prop import ShapeProp
 from neuroexapt.errors import LayerNotFoundError, TraceError, UnsupportedModuleError
 from neuroexapt.graph.cache import cache_key, lookup, store
 from neuroexapt.graph.context import BuildContext, NodeLayout
-from neuroexapt.graph.groups import Group
+from neuroexapt.graph.groups import Group, Member
 from neuroexapt.graph.handlers import get_handler, is_registered_leaf
 from neuroexapt.graph.layout import Layout, Segment
 from neuroexapt.graph.rules import apply_rule
+from neuroexapt.graph.transformer import plain_forward
+from neuroexapt.graph.wrappers import accepts_wrapped, wrapper_prefixes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelGraph", "resolve_layer", "trace"]
+__all__ = ["ModelGraph", "in_model_dtype", "resolve_layer", "trace"]
 
 _HOW_TO_REGISTER = (
     "register a handler with neuroexapt.register_handler(<LayerType>, "
@@ -44,7 +46,14 @@ class _Tracer(fx.Tracer):
             return True
         if is_registered_leaf(m):
             return True
+        if plain_forward(m) is not None:
+            return False  # PyTorch's transformer layers: traced through (graph/transformer.py)
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        plain = None if self.is_leaf_module(m, self.path_of_module(m)) else plain_forward(m)
+        return super().call_module(m, plain or forward, args, kwargs)
 
 
 class ModelGraph:
@@ -134,6 +143,8 @@ def resolve_layer(model: nn.Module, name: str) -> str:
         raise LayerNotFoundError(f"layer names are strings like 'layer1.0.conv1', got {name!r}")
     modules = dict(model.named_modules())
     if name not in modules:
+        name = next((n for n in wrapper_prefixes(name) if n in modules), name)
+    if name not in modules:
         close = difflib.get_close_matches(name, list(modules), n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise LayerNotFoundError(
@@ -149,6 +160,21 @@ def resolve_layer(model: nn.Module, name: str) -> str:
     return name
 
 
+def in_model_dtype(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``inputs`` with floating tensors cast to the model's floating dtype.
+
+    A float64 or half model is often given float32 example inputs (``torch.randn``); when all
+    of the model's floating parameters and buffers share one dtype, floating inputs are cast
+    to it. Models of mixed precision get their inputs unchanged.
+    """
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if len(dtypes) != 1:
+        return inputs
+    (dtype,) = dtypes
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                 and x.dtype != dtype else x for x in inputs)
+
+
 @contextmanager
 def frozen_mode(model: nn.Module) -> Iterator[None]:
     """Evaluate ``model`` in eval mode without gradients, restoring every module's mode."""
@@ -162,6 +188,7 @@ def frozen_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+@accepts_wrapped
 def trace(
     model: nn.Module,
     example_inputs: Sequence[Any] | torch.Tensor,
@@ -184,9 +211,8 @@ def trace(
     Raises:
         TraceError: torch.fx cannot trace the model, or it fails on ``example_inputs``.
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
-        example_inputs
-    )
+    inputs = in_model_dtype(model, (example_inputs,) if isinstance(
+        example_inputs, torch.Tensor) else tuple(example_inputs))
     leaf_modules = tuple(leaf_modules)  # read twice below: by the key and by the tracer
     key = cache_key(model, inputs, leaf_modules)
     graph = lookup(model, key) if key is not None else None
@@ -235,7 +261,7 @@ def _build(model: nn.Module, graph: fx.Graph) -> ModelGraph:
             for lay in ctx.layouts_in(node.args):
                 for gid in lay.gids:
                     ctx.groups.mark_output(gid)
-    _couple_shared_tensors(ctx)
+    _couple_shared_tensors(ctx, model)
     refined = dict(ctx.groups.refined)
     groups, mapping = ctx.groups.finish()
     layouts = {n: _renumber(_expand(v, refined), mapping) for n, v in ctx.layouts.items()}
@@ -265,20 +291,42 @@ def _call_module(
         ) from e
 
 
-def _couple_shared_tensors(ctx: BuildContext) -> None:
-    """Groups that resize the same slice of one tensor (a module called twice) are one group."""
-    owners: dict[tuple[str, str, int, int], int] = {}
+def _couple_shared_tensors(ctx: BuildContext, model: nn.Module) -> None:
+    """Groups that resize the same slice of one tensor are one group.
+
+    The tensor is found by identity, so this covers a module called twice and tied weights
+    (an output layer sharing its weight with the embedding, a weight shared across blocks):
+    an edit then resizes the shared tensor once, and every module holding it gets the new one.
+    """
+    owners: dict[tuple[int, int, int], tuple[int, str]] = {}
     for gid in range(len(ctx.groups._groups)):
         if ctx.groups.find(gid) != gid:
             continue
         for m in list(ctx.groups.get(gid).members):
-            if not m.tensor:
+            tensor = _tensor_of(model, m)
+            if tensor is None:
                 continue
-            key = (m.module, m.tensor, m.dim, m.offset)
+            key = (id(tensor), m.dim, m.offset)
             if key in owners:
-                ctx.groups.union(owners[key], gid, f"shared tensor '{m.path}'")
+                first, path = owners[key]
+                why = (f"shared tensor '{m.path}'" if path == m.path
+                       else f"tied weights '{path}' and '{m.path}'")
+                ctx.groups.union(first, gid, why)
             else:
-                owners[key] = gid
+                owners[key] = (gid, m.path)
+
+
+def _tensor_of(model: nn.Module, m: Member) -> torch.Tensor | None:
+    """The tensor a member resizes, or None (attribute-only and custom members)."""
+    if not m.tensor or m.role == "custom":
+        return None
+    try:
+        owner = model.get_submodule(m.module) if m.module else model
+        head, _, attr = m.tensor.rpartition(".")
+        value = getattr(owner.get_submodule(head) if head else owner, attr, None)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _expand(value: NodeLayout, refined: dict[int, list[tuple[int | None, int]]]) -> NodeLayout:

@@ -25,6 +25,9 @@ class _Pending:
     dims: list[DimMap] = field(default_factory=list)
 
 
+_ROLE = {"out": "computes", "in": "reads", "pass": "passes", "custom": "resizes"}
+
+
 def member_index(member: Member, size: int, old_units: int, plan: UnitPlan) -> torch.Tensor:
     """Full index along the member's dimension: new position -> old position (-1 fresh)."""
     b, o = member.block, member.offset
@@ -133,10 +136,13 @@ def apply_plan(model: nn.Module, group: Group, plan: UnitPlan) -> ParamMap:
         tensor = getattr(owner, attr)
         key = (id(tensor), m.dim, m.offset)
         if key in seen:
-            if (seen[key].role, seen[key].block) != (m.role, m.block):
+            first = seen[key]
+            if first.block != m.block or (first.role != m.role and not plan.selects):
                 raise SurgeryError(
-                    f"'{m.path}' is shared with '{seen[key].path}' in conflicting roles "
-                    "(tied weights); untie them before resizing this group"
+                    f"'{m.path}' is the same tensor as '{first.path}' (tied weights), which "
+                    f"{_ROLE[first.role]} these units where '{m.path}' {_ROLE[m.role]} them: "
+                    "new units cannot be both; remove units (narrow) instead, or untie the "
+                    "weights (give each module its own copy) before widening"
                 )
             continue
         seen[key] = m

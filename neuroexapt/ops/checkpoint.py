@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from neuroexapt.errors import CheckpointError, NeuroExaptError
+from neuroexapt.graph.wrappers import accepts_wrapped
 from neuroexapt.ops.history import EditRecord, get_history, make_inputs
 from neuroexapt.optim.named import load_named_state, named_state
 
@@ -62,6 +63,7 @@ class _Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
 
+@accepts_wrapped
 def save(model: nn.Module, path: str | os.PathLike[str],
          optimizer: torch.optim.Optimizer | None = None, *,
          policy: _Stateful | None = None) -> None:
@@ -98,6 +100,7 @@ def save(model: nn.Module, path: str | os.PathLike[str],
                 len(payload["history"]), target)
 
 
+@accepts_wrapped
 def replay(model: nn.Module, history: list[EditRecord]) -> None:
     """Apply the edits of ``history`` to a fresh ``model`` (weights are loaded afterwards)."""
     from neuroexapt.ops import add_skip, deepen, narrow, remove_block, widen

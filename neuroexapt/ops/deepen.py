@@ -11,6 +11,7 @@ from torch import fx, nn
 from neuroexapt.errors import SurgeryError
 from neuroexapt.graph import resolve_layer, trace
 from neuroexapt.graph.trace import ModelGraph
+from neuroexapt.graph.wrappers import accepts_wrapped
 from neuroexapt.ops.edit import run_edit
 from neuroexapt.ops.history import EditRecord, inputs_for
 from neuroexapt.ops.modules import Chain
@@ -120,6 +121,7 @@ def _insert(model: nn.Module, site: str, new: list[nn.Module]) -> list[str]:
     return [f"{site}.{i}" for i in range(start, len(chain))]
 
 
+@accepts_wrapped
 def deepen(
     model: nn.Module,
     layer: str,

@@ -12,7 +12,13 @@ from torch import nn
 from neuroexapt.errors import ConfigError, SurgeryError, UnsupportedModuleError
 from neuroexapt.graph.groups import Group
 from neuroexapt.ops.history import EditRecord, append_history, spec_of
-from neuroexapt.ops.transaction import check_same_function, model_outputs, transaction
+from neuroexapt.ops.transaction import (
+    check_outputs_shape,
+    check_same_function,
+    edited_outputs,
+    reference_outputs,
+    transaction,
+)
 from neuroexapt.optim import migrate
 from neuroexapt.optim.parammap import ParamMap
 
@@ -55,15 +61,23 @@ def run_edit(
     verify: bool,
     body: Body,
 ) -> EditRecord:
-    """Run ``body`` atomically and record it; see the module docstring."""
+    """Run ``body`` atomically and record it; see the module docstring.
+
+    The edited model always runs once on ``inputs`` before the edit commits: a model that no
+    longer runs, or whose output shapes changed, is a :class:`SurgeryError` with everything
+    restored; with ``verify`` its outputs must also equal the original ones.
+    """
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"optimizer= must be a torch.optim.Optimizer, got {optimizer!r}")
     before = count_parameters(model)
     with transaction(model, optimizer):
-        reference = model_outputs(model, inputs) if verify else None
+        reference = reference_outputs(model, inputs)
         param_map, args = body()
-        if reference is not None:
-            check_same_function(reference, model_outputs(model, inputs), f"{op} '{target}'")
+        outputs = edited_outputs(model, inputs, f"{op} '{target}'")
+        if verify:
+            check_same_function(reference, outputs, f"{op} '{target}'")
+        else:
+            check_outputs_shape(reference, outputs, f"{op} '{target}'")
         if optimizer is not None:
             migrate(optimizer, param_map)
         record = EditRecord(op, target, args, spec_of(inputs), before,

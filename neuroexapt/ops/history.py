@@ -16,6 +16,8 @@ from torch import nn
 
 from neuroexapt.errors import CheckpointError, ConfigError
 from neuroexapt.graph.cache import invalidate
+from neuroexapt.graph.trace import in_model_dtype
+from neuroexapt.graph.wrappers import accepts_wrapped
 from neuroexapt.optim.parammap import ParamMap
 
 __all__ = ["EditRecord", "InputSpec", "get_history", "inputs_for"]
@@ -76,6 +78,7 @@ class EditRecord:
             raise CheckpointError(f"malformed edit record {data!r}: {e}") from e
 
 
+@accepts_wrapped
 def get_history(model: nn.Module) -> list[EditRecord]:
     """The edits applied to ``model`` so far, oldest first (a copy)."""
     return list(getattr(model, _HISTORY_ATTR, []))
@@ -118,7 +121,7 @@ def inputs_for(model: nn.Module, example_inputs: Any, op: str) -> tuple[torch.Te
             example_inputs
         )
         spec_of(inputs)
-        return inputs
+        return in_model_dtype(model, inputs)
     spec = getattr(model, _INPUTS_ATTR, None)
     if spec is None:
         raise ConfigError(

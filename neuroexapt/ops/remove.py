@@ -12,10 +12,10 @@ from neuroexapt.errors import SurgeryError, TraceError
 from neuroexapt.graph import resolve_layer
 from neuroexapt.graph.handlers import ElementwiseHandler, get_handler
 from neuroexapt.graph.trace import _Tracer
+from neuroexapt.graph.wrappers import accepts_wrapped
 from neuroexapt.ops.edit import run_edit
 from neuroexapt.ops.history import EditRecord, inputs_for
 from neuroexapt.ops.modules import SkipSource, SkipTarget
-from neuroexapt.ops.transaction import model_outputs
 from neuroexapt.optim.parammap import ParamMap
 
 __all__ = ["remove_block"]
@@ -109,6 +109,7 @@ def _shortcut_module(block: nn.Module, name: str) -> fx.GraphModule:
     return module
 
 
+@accepts_wrapped
 def remove_block(
     model: nn.Module,
     block: str,
@@ -144,8 +145,7 @@ def remove_block(
         removed = [p for p in module.parameters() if id(p) not in kept]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, replacement)
-        model_outputs(model, inputs)  # the model must still run
+        setattr(parent, attr, replacement)  # run_edit runs the result before it commits
         return ParamMap(removed=removed), {"block": name}
 
     return run_edit(model, optimizer, inputs, "remove_block", name, False, body)

@@ -15,10 +15,16 @@ from torch import nn
 from neuroexapt.errors import ConfigError, SurgeryError
 from neuroexapt.graph import Group, UnitPlan, resolve_layer, trace
 from neuroexapt.graph.groups import Member
+from neuroexapt.graph.wrappers import accepts_wrapped
 from neuroexapt.ops.apply import apply_plan
 from neuroexapt.ops.edit import count_parameters, require_resizable, run_edit
 from neuroexapt.ops.history import EditRecord, append_history, inputs_for, spec_of
-from neuroexapt.ops.transaction import model_outputs, transaction
+from neuroexapt.ops.transaction import (
+    check_outputs_shape,
+    edited_outputs,
+    reference_outputs,
+    transaction,
+)
 from neuroexapt.optim import migrate
 
 logger = logging.getLogger(__name__)
@@ -105,14 +111,34 @@ def _check_segments(group: Group, units: list[int], what: str) -> None:
         )
 
 
+def _names(names: list[str]) -> str:
+    """Module names quoted; descriptions of operations (already quoted inside) as they are."""
+    return ", ".join(n if "'" in n else repr(n) for n in dict.fromkeys(names))
+
+
 def _check_normalized(
     group: Group, units: list[int], strategy: Strategy, allow_approximate: bool
 ) -> None:
-    if not group.normalizers or allow_approximate:
+    """Refuse a widening that the operations combining the units would notice."""
+    if allow_approximate:
+        return
+    if group.sums:
+        raise SurgeryError(
+            f"{', '.join(group.sums)} sums over these {group.size} units, so any new unit "
+            "changes the output: remove units (narrow) instead, or pass "
+            "allow_approximate=True and let training adapt"
+        )
+    if group.extrema and strategy == "zero":
+        raise SurgeryError(
+            f"{', '.join(group.extrema)} takes the extremum over these {group.size} units, "
+            "which fresh units (strategy='zero') can change: use strategy='split' (copies "
+            "keep it), or pass allow_approximate=True"
+        )
+    if not group.normalizers:
         return
     if strategy == "zero":
         raise SurgeryError(
-            f"{', '.join(repr(n) for n in group.normalizers)} normalise over these "
+            f"{_names(group.normalizers)} normalise over these "
             f"{group.size} units, so "
             "fresh units (strategy='zero') change their statistics and the function: use "
             f"strategy='split' with by= a multiple of {group.size}, or pass "
@@ -122,7 +148,7 @@ def _check_normalized(
     uniform = len(counts) == group.size and len(set(counts.values())) == 1
     if not uniform:
         raise SurgeryError(
-            f"{', '.join(repr(n) for n in group.normalizers)} normalise over these "
+            f"{_names(group.normalizers)} normalise over these "
             f"{group.size} units, so widening preserves the function only when every unit "
             f"is split equally: use by= a multiple of {group.size} with units=None, or pass "
             "allow_approximate=True"
@@ -147,6 +173,7 @@ def split_plan(group: Group, units: list[int], strategy: Strategy, noise: float)
                     torch.tensor(fresh, dtype=torch.bool), noise)
 
 
+@accepts_wrapped
 def widen(
     model: nn.Module,
     layer: str,
@@ -215,6 +242,7 @@ def widen(
     return run_edit(model, optimizer, inputs, "widen", name, verify, body)
 
 
+@accepts_wrapped
 def narrow(
     model: nn.Module,
     layer: str,
@@ -295,6 +323,7 @@ def _kept_units(
     return [u for u in range(group.size) if u not in gone]
 
 
+@accepts_wrapped
 def narrow_many(
     model: nn.Module,
     remove: Mapping[str, Sequence[int]],
@@ -327,7 +356,7 @@ def narrow_many(
     inputs = inputs_for(model, example_inputs, "narrow_many")
     records: list[EditRecord] = []
     with transaction(model, optimizer):
-        shapes = [o.shape for o in model_outputs(model, inputs)]
+        reference = reference_outputs(model, inputs)
         graph = trace(model, inputs)
         groups: dict[int, str] = {}
         for name in wanted:
@@ -361,10 +390,8 @@ def narrow_many(
                                 before, count_parameters(model), param_map)
             append_history(model, record)
             records.append(record)
-        after = [o.shape for o in model_outputs(model, inputs)]
-        if after != shapes:
-            raise SurgeryError(f"narrow_many changed the output shapes from {shapes} to "
-                               f"{after}")
+        check_outputs_shape(reference, edited_outputs(model, inputs, "narrow_many"),
+                            "narrow_many")
     logger.info("narrow_many: %d groups, parameters %d -> %d", len(records),
                 records[0].params_before, records[-1].params_after)
     return records

@@ -11,6 +11,7 @@ from neuroexapt.errors import ConfigError, SurgeryError
 from neuroexapt.graph import resolve_layer, trace
 from neuroexapt.graph.context import BuildContext
 from neuroexapt.graph.trace import ModelGraph
+from neuroexapt.graph.wrappers import accepts_wrapped
 from neuroexapt.ops.edit import run_edit
 from neuroexapt.ops.history import EditRecord, inputs_for
 from neuroexapt.ops.modules import SkipProjection, SkipSource, SkipTarget
@@ -74,6 +75,7 @@ def _projection(graph: ModelGraph, src: str, dst: str) -> SkipProjection:
     return SkipProjection(s_shape[sd], d_shape[dd], sd, dd, d_rest, len(s_rest), **kw)
 
 
+@accepts_wrapped
 def add_skip(
     model: nn.Module,
     src: str,

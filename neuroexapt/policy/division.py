@@ -102,9 +102,10 @@ class AdaptiveNeuronDivision:
         if graph is None:
             raise ConfigError("divide needs example_inputs= to trace the model")
         group = graph.group_of(layer)
-        if group.normalizers:
-            names = ", ".join(repr(n) for n in group.normalizers)
-            raise SurgeryError(f"the units of '{layer}' are normalised together by {names}: "
+        if group.normalizers or group.sums:
+            names = ", ".join(n if "'" in n else repr(n)
+                              for n in [*group.normalizers, *group.sums])
+            raise SurgeryError(f"the units of '{layer}' are combined by {names}: "
                                "splitting a few of them would change the output")
         units = self.choose(model, group, stats, count)
         plan = split_plan(group, units, "split", 0.0)

@@ -227,7 +227,12 @@ class Expander:
                             optimizer=optimizer, epochs_left=epochs_left), r)))
                 if method == "split" or not self.allow_deepen or layer.name in tried:
                     continue
-                if trace(model, example_inputs).produces_output(layer.name):
+                try:
+                    is_output = trace(model, example_inputs).produces_output(layer.name)
+                except NeuroExaptError as e:  # the model cannot be traced: nothing to deepen
+                    logger.info("deepening '%s' not possible: %s", layer.name, e)
+                    continue
+                if is_output:
                     continue  # deepening the output layer adds no capacity
                 attempt("deepening", layer.name, lambda n=layer.name, r=reasons: Expansion(
                     "layer_addition", n, deepen(model, n, example_inputs=example_inputs,

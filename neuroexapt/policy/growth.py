@@ -79,7 +79,7 @@ def bypass_pairs(model: nn.Module, example_inputs: Any, layers: Iterable[str]
             group = graph.group_of(name)
         except NeuroExaptError:
             continue
-        if not group.resizable or group.producers != [name] or group.normalizers:
+        if not group.resizable or group.producers != [name] or group.mixed:
             continue
         readers = {m.module for m in group.members if m.role == "in"}
         if any(m.role == "custom" for m in group.members):

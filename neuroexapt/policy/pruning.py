@@ -62,10 +62,12 @@ from neuroexapt.errors import AnalysisError, ConfigError, NeuroExaptError
 from neuroexapt.graph import ModelGraph, graph_cache, trace
 from neuroexapt.graph.groups import Group, Member
 from neuroexapt.graph.layout import Layout
+from neuroexapt.graph.wrappers import accepts_wrapped
 from neuroexapt.metrics.cost import count_macs, measure_latency
 from neuroexapt.ops import EditRecord, narrow_many
 from neuroexapt.ops.edit import count_parameters
 from neuroexapt.ops.resize import unit_entries, unit_norms
+from neuroexapt.ops.transaction import transaction
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class PruneResult:
     latency_after: float | None = None
 
 
+@accepts_wrapped
 def prune_to(
     model: nn.Module, data: Iterable[Batch], amount: float, *, by: str = "parameters",
     score: str = "information", loss_fn: LossFn = F.cross_entropy, batches: int = 8,
@@ -127,6 +130,9 @@ def prune_to(
     Raises:
         ConfigError: bad arguments, or a ``round_to`` larger than every prunable group.
         AnalysisError: ``data`` yields no batch, or the loss is not finite.
+
+    Any error leaves the model, the optimizer and the edit history as they were before the
+    call, whatever rounds had been done.
     """
     _check(amount, by, score, batches, steps, max_fraction, round_to)
     step = AUTO_ROUND_TO if round_to == "auto" else round_to
@@ -139,7 +145,8 @@ def prune_to(
     one = tuple(t[:1] for t in batch)
     share = -(-len(probe) // steps)  # batches scored per round: each read about once
     params0, macs0 = count_parameters(model), count_macs(model, one)
-    with graph_cache(model):
+    # one transaction over every round: a failure in any leaves the model as it was
+    with transaction(model, optimizer), graph_cache(model):
         graph = trace(model, example)
         if round_to != "auto":
             _check_round_to(graph, step)

@@ -497,7 +497,7 @@ def inject(monkeypatch: pytest.MonkeyPatch, op: str, where: str) -> None:
     elif op == "add_skip":
         target = (SkipTarget, "add_source")  # after both layers were wrapped
     else:
-        target = (module("remove"), "model_outputs")  # after the block was replaced
+        target = (module("edit"), "edited_outputs")  # after the block was replaced
     monkeypatch.setattr(*target, fail_after(getattr(*target)))
 
 

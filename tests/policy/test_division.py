@@ -156,7 +156,7 @@ def test_layernorm_layers_are_refused_and_nothing_changes() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     snap, opt_snap = snapshot_model(model), snapshot_optimizer(opt)
     division = AdaptiveNeuronDivision("hybrid")
-    with pytest.raises(SurgeryError, match="units of '0' are normalised together by '1'"):
+    with pytest.raises(SurgeryError, match="units of '0' are combined by '1'"):
         division.divide(model, "0", example_inputs=ZOO["mlp"].inputs(4), optimizer=opt)
     assert_model_unchanged(model, snap)
     assert_optimizer_unchanged(opt, opt_snap)

@@ -245,3 +245,40 @@ def test_measure_latency_times_the_model_and_its_modules() -> None:
     assert all(t > 0 for t in per_module.values())
     with pytest.raises(ConfigError, match="repeats must be an int >= 1"):
         neuroexapt.measure_latency(model, torch.randn(8, 3, 16, 16), repeats=0)
+
+
+def test_a_failure_in_a_later_round_leaves_everything_as_before(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers.asserts import (
+        assert_model_unchanged,
+        assert_optimizer_unchanged,
+        snapshot_model,
+        snapshot_optimizer,
+    )
+
+    from neuroexapt.policy import pruning
+
+    torch.manual_seed(0)
+    model = _cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    data = _batches()
+    F.cross_entropy(model(data[0][0]), data[0][1]).backward()
+    optimizer.step()
+    model.zero_grad()
+    snap, opt_snap = snapshot_model(model), snapshot_optimizer(optimizer)
+    history = neuroexapt.get_history(model)
+    real, calls = pruning._round, []
+
+    def failing_second(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure in round 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pruning, "_round", failing_second)
+    with pytest.raises(RuntimeError, match="injected failure in round 2"):
+        neuroexapt.prune_to(model, data, 0.5, by="macs", optimizer=optimizer, round_to=None)
+    assert len(calls) == 2  # the first round did remove units before the failure
+    assert_model_unchanged(model, snap)
+    assert_optimizer_unchanged(optimizer, opt_snap)
+    assert neuroexapt.get_history(model) == history

@@ -237,9 +237,10 @@ def test_bad_threshold_and_resized_layer() -> None:
     ib = InformationBottleneck(model, ["0"])
     with pytest.raises(ConfigError, match="threshold must be a finite number > 0"):
         ib.prunable(threshold=0.0)
-    narrow(model, "0", remove=[0], example_inputs=torch.randn(2, 16))
+    # the edited model must run before the edit commits: with the gates on, it cannot
     with pytest.raises(ConfigError, match="outputs 31 units but its gate has 32"):
-        model(torch.randn(2, 16))
+        narrow(model, "0", remove=[0], example_inputs=torch.randn(2, 16))
+    assert model[0].out_features == 32 and model(torch.randn(2, 16)).shape == (2, 2)
 
 
 def test_batchnorm_gate_is_folded_into_its_scale_and_shift() -> None:

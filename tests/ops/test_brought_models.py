@@ -1,0 +1,316 @@
+"""Models as users bring them: compiled and wrapped, in other dtypes, with tied weights,
+subclassed layers; and edits that would leave a model unable to run (issue 12)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers.asserts import (
+    assert_model_unchanged,
+    assert_optimizer_unchanged,
+    assert_same_function,
+    snapshot_model,
+    snapshot_optimizer,
+)
+from torch import nn
+
+import neuroexapt
+from neuroexapt.errors import ConfigError, FunctionPreservationError, SurgeryError
+from neuroexapt.graph import handlers
+from neuroexapt.ops.transaction import check_same_function
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+TOKENS = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+def cnn(conv: type[nn.Conv2d] = nn.Conv2d) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(conv(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         conv(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+@pytest.mark.parametrize("name", ["0", "_orig_mod.0"])
+def test_a_compiled_model_is_edited_through_its_wrapper(name: str) -> None:
+    model = cnn()
+    compiled = torch.compile(model, backend="eager")
+    before = compiled(X).detach()
+    record = neuroexapt.widen(compiled, name, 4, example_inputs=X)
+    assert record.target == "0" and model[0].out_channels == 12  # the original module
+    assert_same_function(before, compiled(X), X)  # the wrapper recompiles by itself
+    assert neuroexapt.get_history(compiled) == neuroexapt.get_history(model) == [record]
+    graph = neuroexapt.trace(compiled, X)
+    assert graph.group_of("0").size == 12
+
+
+@pytest.mark.parametrize("name", ["0", "module.0"])
+def test_a_data_parallel_model_is_edited_through_its_wrapper(name: str) -> None:
+    model = cnn()
+    wrapped = nn.DataParallel(model)
+    before = wrapped(X).detach()
+    neuroexapt.narrow(wrapped, name, remove=[0, 1], example_inputs=X)
+    assert model[0].out_channels == 6 and wrapped(X).shape == before.shape
+
+
+@pytest.fixture
+def process_group(tmp_path: object) -> Iterator[None]:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_is_refused_with_the_fix(process_group: None) -> None:
+    model = cnn()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    snap = snapshot_model(model)
+    with pytest.raises(ConfigError, match=r"edit model.module .*wrap it again"):
+        neuroexapt.widen(ddp, "module.0", 4, example_inputs=X)
+    assert_model_unchanged(model, snap)
+    neuroexapt.widen(ddp.module, "0", 4, example_inputs=X)  # what the message says works
+    assert model[0].out_channels == 12
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_in_another_dtype_takes_float32_example_inputs(dtype: torch.dtype) -> None:
+    model = cnn().to(dtype)
+    before = model(X.to(dtype)).detach()
+    neuroexapt.widen(model, "0", 4, example_inputs=X)  # float32 inputs, cast
+    assert model[0].weight.dtype == dtype and model[0].out_channels == 12
+    if dtype == torch.float64:
+        assert_same_function(before, model(X.double()), X)
+    assert neuroexapt.get_history(model)[0].inputs == [([2, 3, 8, 8], str(dtype))]
+
+
+# ----------------------------------------------------------------------------- tied weights
+
+
+class TiedLM(nn.Module):
+    """embedding -> residual MLP -> LayerNorm -> output layer tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.fc = nn.Linear(16, 16)
+        self.ln = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = self.emb(t)
+        return self.head(self.ln(h + self.fc(h)))
+
+
+def test_tied_weights_stay_tied_when_units_are_removed() -> None:
+    torch.manual_seed(0)
+    model = TiedLM()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(TOKENS).sum().backward()
+    opt.step()
+    neuroexapt.narrow(model, "emb", remove=[0, 5], example_inputs=TOKENS, optimizer=opt)
+    assert model.head.weight is model.emb.weight and model.emb.weight.shape == (20, 14)
+    assert model.fc.weight.shape == (14, 14) and model.ln.weight.shape == (14,)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert sum(p is model.emb.weight for p in params) == 1
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()}
+    assert opt.state[model.emb.weight]["exp_avg"].shape == (20, 14)
+    model(TOKENS).sum().backward()  # trains on
+    opt.step()
+
+
+def test_widening_tied_weights_is_refused_and_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = TiedLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    snap, opt_snap = snapshot_model(model), snapshot_optimizer(opt)
+    with pytest.raises(SurgeryError, match=r"tied weights.*narrow.*untie"):
+        neuroexapt.widen(model, "emb", 16, example_inputs=TOKENS, optimizer=opt)
+    assert_model_unchanged(model, snap)
+    assert_optimizer_unchanged(opt, opt_snap)
+    assert model.head.weight is model.emb.weight
+
+
+def test_tied_weights_couple_the_groups_that_share_them() -> None:
+    torch.manual_seed(0)
+    model = TiedLM()
+    graph = neuroexapt.trace(model, TOKENS)
+    group = graph.group_of("emb")
+    assert {m.path for m in group.members} >= {"emb.weight", "head.weight", "fc.weight"}
+
+
+# ----------------------------------------------------------------------------- subclasses
+
+
+class MyConv(nn.Conv2d):
+    """A subclass that changes nothing the layer computes."""
+
+
+class ScaledConv(nn.Conv2d):
+    """A subclass with its own forward: traced into, not treated as a plain Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_a_subclass_of_a_builtin_layer_uses_its_handler() -> None:
+    model = cnn(MyConv)
+    before = model(X).detach()
+    neuroexapt.widen(model, "0", 4, example_inputs=X)
+    assert_same_function(before, model(X), X)
+    assert model[0].out_channels == 12 and type(model[0]) is MyConv
+    assert handlers.is_registered_leaf(MyConv(1, 1, 1))
+    assert not handlers.is_registered_leaf(ScaledConv(1, 1, 1))
+
+
+# ----------------------------------------------------------------------------- never broken
+
+
+def test_a_depthwise_conv_reading_the_model_input_is_frozen() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.ReLU(),
+                          nn.Conv2d(3, 8, 1), nn.Flatten(), nn.Linear(512, 4)).eval()
+    snap = snapshot_model(model)
+    with pytest.raises(SurgeryError, match=r"depthwise convolution '0' has as many channels"):
+        neuroexapt.widen(model, "0", 3, example_inputs=X)
+    assert_model_unchanged(model, snap)
+    neuroexapt.widen(model, "2", 4, example_inputs=X)  # the rest of the model still resizes
+
+
+class Rescale(nn.Module):
+    """Multiplies by a per-channel parameter of fixed size."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale[:, None, None]
+
+
+@pytest.fixture
+def wrong_handler() -> Iterator[None]:
+    """A handler that claims Rescale passes units through, while its parameter is fixed."""
+    saved = dict(handlers._REGISTRY)
+    neuroexapt.register_handler(Rescale, neuroexapt.graph.ElementwiseHandler())
+    try:
+        yield
+    finally:
+        handlers._REGISTRY.clear()
+        handlers._REGISTRY.update(saved)
+        handlers._bump()
+
+
+@pytest.mark.parametrize("edit", ["widen", "widen-unverified", "narrow"])
+def test_an_edit_that_leaves_a_model_unable_to_run_is_refused(wrong_handler: None,
+                                                              edit: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Rescale(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    snap, opt_snap = snapshot_model(model), snapshot_optimizer(opt)
+    with pytest.raises(SurgeryError, match=r"no longer runs on its example inputs"):
+        if edit == "narrow":
+            neuroexapt.narrow(model, "0", remove=[1], example_inputs=X, optimizer=opt)
+        else:
+            neuroexapt.widen(model, "0", 2, example_inputs=X, optimizer=opt,
+                             verify=edit == "widen")
+    assert_model_unchanged(model, snap)
+    assert_optimizer_unchanged(opt, opt_snap)
+    assert neuroexapt.get_history(model) == []
+
+
+def test_verification_is_relative_at_every_output_scale() -> None:
+    small = [torch.full((4,), 1e-3)]
+    check_same_function(small, [small[0] * (1 + 1e-6)], "an edit")  # 1e-6 relative: kept
+    with pytest.raises(FunctionPreservationError, match="exceeds the tolerance"):
+        check_same_function(small, [small[0] * (1 + 1e-4)], "an edit")  # 1e-4 relative
+    check_same_function([torch.zeros(3)], [torch.zeros(3)], "an edit")
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+class Reduced(nn.Module):
+    """conv -> ReLU -> a reduction across the channels -> linear."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(36, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        h = {"max": lambda: h.max(dim=1)[0], "amax": lambda: torch.amax(h, 1),
+             "mean": lambda: h.mean(dim=1), "sum": lambda: h.sum(1),
+             "logsumexp": lambda: torch.logsumexp(h, 1)}[self.op]()
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("op", ["max", "amax", "mean", "sum", "logsumexp"])
+def test_reductions_across_the_units_allow_what_keeps_them(op: str) -> None:
+    torch.manual_seed(0)
+    model = Reduced(op).eval()
+    before = model(X).detach()
+    if op in ("sum", "logsumexp"):  # any new unit changes a sum
+        snap = snapshot_model(model)
+        with pytest.raises(SurgeryError, match=rf"'{op}' at node .* sums over these 8 units"):
+            neuroexapt.widen(model, "conv", 8, example_inputs=X)
+        assert_model_unchanged(model, snap)
+    else:  # copies of every unit keep a mean, copies of any keep an extremum
+        neuroexapt.widen(model, "conv", 8, example_inputs=X)
+        assert_same_function(before, model(X), X)
+        with pytest.raises(SurgeryError, match=r"strategy='zero'"):
+            neuroexapt.widen(model, "conv", 8, example_inputs=X, strategy="zero")
+    neuroexapt.narrow(model, "conv", remove=[0, 3], example_inputs=X)  # removing is exact
+    assert model(X).shape == before.shape
+    assert neuroexapt.widen(model, "conv", 2, example_inputs=X, allow_approximate=True,
+                            verify=False).op == "widen"
+
+
+# ----------------------------------------------------------------------------- PyTorch's transformer
+
+
+class Encoder(nn.Module):
+    """Embedding -> nn.TransformerEncoder (2 layers) -> mean over tokens -> Linear."""
+
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.enc(self.emb(t)).mean(1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_pytorch_transformer_layers_are_traced_through(norm_first: bool) -> None:
+    torch.manual_seed(0)
+    model = Encoder(norm_first).eval()
+    opt = torch.optim.Adam(model.parameters())
+    before = model(TOKENS).detach()
+    neuroexapt.widen(model, "emb", 16, example_inputs=TOKENS, optimizer=opt)  # model dim
+    attn = model.enc.layers[0].self_attn
+    assert attn.embed_dim == 32 and attn.head_dim == 16
+    neuroexapt.widen(model, "enc.layers.0.linear1", 8, optimizer=opt)  # feed-forward width
+    assert model.enc.layers[0].linear1.out_features == 40
+    assert_same_function(before, model(TOKENS), TOKENS)
+    neuroexapt.narrow(model, "enc.layers.1.linear1", remove=[0, 1], optimizer=opt)
+    neuroexapt.narrow(model, "emb", remove=[0, 1], optimizer=opt)
+    model.train()
+    loss = model(TOKENS).sum()
+    loss.backward()
+    opt.step()
+    assert all(p.grad is not None for p in model.parameters())
