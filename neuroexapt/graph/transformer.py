@@ -97,11 +97,16 @@ def plain_forward(module: nn.Module) -> Callable[..., Any] | None:
     """
     for cls, fn in _PLAIN.items():
         if isinstance(module, cls) and type(module).forward is cls.forward:
-            signature = inspect.signature(cls.forward)
-
-            def forward(*args: Any, _fn: Callable[..., Any] = fn, **kwargs: Any) -> Any:
-                bound = signature.bind(module, *args, **kwargs)
-                return _fn(*bound.args, **bound.kwargs)
-
-            return forward
+            return _bound(module, fn, inspect.signature(cls.forward))
     return None
+
+
+def _bound(module: nn.Module, fn: Callable[..., Any], signature: inspect.Signature
+           ) -> Callable[..., Any]:
+    """``fn(module, ...)`` taking the arguments as the module's ``forward`` takes them."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(module, *args, **kwargs)
+        return fn(*bound.args, **bound.kwargs)
+
+    return forward

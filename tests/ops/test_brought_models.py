@@ -278,7 +278,7 @@ def test_reductions_across_the_units_allow_what_keeps_them(op: str) -> None:
                             verify=False).op == "widen"
 
 
-# ----------------------------------------------------------------------------- PyTorch's transformer
+# ----------------------------------------------------------------------------- nn.Transformer*
 
 
 class Encoder(nn.Module):
