@@ -315,6 +315,39 @@ def _softmax(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     return lay
 
 
+def _get_attr_owner(arg: Any) -> tuple[str, str] | None:
+    """(module, attribute) of a ``get_attr`` node's parameter, else None."""
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        return None
+    owner, _, attr = str(arg.target).rpartition(".")
+    return owner, attr
+
+
+def _layer_norm(ctx: BuildContext, node: fx.Node) -> NodeLayout:
+    """``F.layer_norm(x, shape, weight, bias, eps)`` as a layer's own forward calls it
+    (torchvision's ``LayerNorm2d``, transformers' channels-first LayerNorms)."""
+    lay = _first(ctx, node)
+    if lay is None:
+        return None
+    shape = _arg(node, 1, "normalized_shape")
+    count = len(shape) if isinstance(shape, tuple | list) else 1
+    if lay.dim < lay.ndim - count:
+        return lay  # the units are not normalised over: they pass through
+    if count != 1 or lay.dim != lay.ndim - 1 or lay.single is None:
+        return _unknown(ctx, node, "'layer_norm' over the units and other dims")
+    owners = {_get_attr_owner(_arg(node, i, key)) for i, key in ((2, "weight"), (3, "bias"))
+              if _arg(node, i, key) is not None}
+    if None in owners:
+        return _unknown(ctx, node, "'layer_norm' with weights computed in forward")
+    for owner, attr in sorted(o for o in owners if o is not None):
+        ctx.consume(lay, owner, attr, 0, "pass")
+    for owner in sorted({o for o, _ in owners if o is not None}):
+        ctx.consume(lay, owner, "", 0, "pass")  # its size attribute (normalized_shape)
+    for gid in lay.gids:
+        ctx.groups.constrain(gid, 1, f"'layer_norm' at node '{node.name}'")
+    return lay
+
+
 _FUNCTION_RULES: dict[Any, Rule] = {}
 _FUNCTION_RULES.update({f: _unary for f in _UNARY})
 _FUNCTION_RULES.update({f: _channelwise for f in _CHANNEL_FUNCS})
@@ -325,7 +358,7 @@ _FUNCTION_RULES.update({
     torch.transpose: _transpose, torch.permute: _permute, torch.movedim: _movedim,
     operator.getitem: _getitem,
     torch.split: _split, torch.chunk: _split, torch.softmax: _softmax, F.softmax: _softmax,
-    F.log_softmax: _softmax,
+    F.log_softmax: _softmax, F.layer_norm: _layer_norm,
 })
 _METHOD_RULES: dict[str, Rule] = {m: _unary for m in _UNARY_METHODS}
 _METHOD_RULES.update({m: _binary for m in _BINARY_METHODS})

@@ -180,6 +180,16 @@ def _assign(
     return param_map
 
 
+def _sync_plain(module: nn.Module, old: int, new: int) -> None:
+    """A layer without a handler whose forward passes its own ``normalized_shape`` to
+    ``F.layer_norm`` (transformers' channels-first LayerNorms): keep it in step."""
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, tuple | list) and len(shape) == 1 and shape[0] == old:
+        module.normalized_shape = type(shape)([new])
+    elif isinstance(shape, int) and shape == old:
+        module.normalized_shape = new
+
+
 def _sync(
     model: nn.Module, touched: dict[str, list[Member]], old: int, new: int,
     pending: dict[int, _Pending],
@@ -190,6 +200,7 @@ def _sync(
         module = model.get_submodule(name)
         handler = get_handler(module)
         if handler is None:
+            _sync_plain(module, old, new)
             continue
         sizes: dict[Member, int] = {}
         attr_only = [m for m in members if not m.tensor or m.role == "custom"]

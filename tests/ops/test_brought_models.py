@@ -314,3 +314,85 @@ def test_pytorch_transformer_layers_are_traced_through(norm_first: bool) -> None
     loss.backward()
     opt.step()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- ConvNeXt
+
+
+class Permute(nn.Module):
+    """torchvision.ops.misc.Permute."""
+
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.permute(x, self.dims)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's LayerNorm2d: a LayerNorm subclass whose forward normalises channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias,
+                                           self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """transformers' ConvNextLayerNorm (channels_first): no LayerNorm base class at all."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n))
+        self.normalized_shape = (n,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape,
+                                           self.weight, self.bias, 1e-6)
+        return x.permute(0, 3, 1, 2)
+
+
+class CNBlock(nn.Module):
+    """torchvision's ConvNeXt block: depthwise 7x7, permutes around a LayerNorm, an MLP, a
+    per-channel layer scale, and the residual stream."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim), Permute([0, 2, 3, 1]),
+            nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim), nn.GELU(),
+            nn.Linear(4 * dim, dim), Permute([0, 3, 1, 2]))
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer_scale * self.block(x) + x
+
+
+def convnext() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 4, 4), LayerNorm2d(16), CNBlock(16), CNBlock(16),
+                         ChannelsFirstLayerNorm(16), nn.Conv2d(16, 32, 2, 2), CNBlock(32),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(32, 10)).eval()
+
+
+@pytest.mark.parametrize("layer", ["0", "2.block.0", "2.block.3", "5", "6.block.3"])
+def test_the_convnext_block_edits_correctly(layer: str) -> None:
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = convnext()
+    opt = torch.optim.AdamW(model.parameters())
+    before = model(x).detach()
+    group = neuroexapt.trace(model, x).group_of(layer)
+    assert group.resizable, group.frozen
+    neuroexapt.widen(model, layer, group.size, example_inputs=x, optimizer=opt)  # every unit
+    assert_same_function(before, model(x), x)
+    neuroexapt.narrow(model, layer, remove=[0, 1], optimizer=opt)
+    model.train()
+    model(x).sum().backward()
+    opt.step()
+    if layer == "0":  # the residual stream: stem, both blocks, both LayerNorms, layer scales
+        size = 2 * 16 - 2
+        assert model[2].layer_scale.shape == (size, 1, 1) and model[1].normalized_shape == (size,)
+        assert model[4].normalized_shape == (size,) and model[3].block[0].groups == size
