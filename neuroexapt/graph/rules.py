@@ -24,13 +24,14 @@ __all__ = ["apply_rule", "flatten_layout"]
 Rule = Callable[[BuildContext, fx.Node], NodeLayout]
 
 _UNARY = {
-    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt,
+    torch.rsqrt, torch.log, torch.reciprocal, torch.relu, torch.sigmoid, torch.tanh,
+    torch.exp, torch.abs, torch.neg, torch.sqrt,
     torch.square, torch.clamp, torch.clip, torch.nn.functional.relu, F.relu6, F.gelu, F.silu,
     F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid, F.hardtanh, F.mish,
     F.softplus, F.sigmoid, F.tanh, F.dropout, F.alpha_dropout, F.logsigmoid, operator.neg,
     torch.erf, torch.sin, torch.cos,
 }
-_UNARY_METHODS = {
+_UNARY_METHODS = {"rsqrt", "reciprocal", "log", "exp_", "sqrt_",
     "relu", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "square", "clamp", "clip",
     "contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as", "detach",
     "requires_grad_", "relu_", "sigmoid_", "tanh_", "clamp_", "erf", "sin", "cos",
@@ -42,10 +43,11 @@ _CHANNEL_FUNCS = {
     F.dropout3d, F.pad, F.lp_pool2d,
 }
 _BINARY = {
+    operator.pow, torch.pow,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
     operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
 }
-_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}
+_BINARY_METHODS = {"pow", "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}
 _REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min,
            torch.logsumexp, torch.norm, torch.prod, torch.std, torch.var}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "max", "min", "logsumexp", "norm", "prod",
@@ -187,7 +189,15 @@ def _cat(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     if ref.dim != dim:
         present = [lay for lay in layouts if lay is not None]
         merged = ctx.merge(present, f"node '{node.name}'") if len(present) > 1 else ref
-        if len(present) != len(layouts) or merged is None:
+        for t, lay in zip(tensors, layouts, strict=True):
+            # a learned token joined along another dim (ViT's class token): its entries
+            # follow the units
+            source = _parameter_source(t) if lay is None else None
+            shape = ctx.shape_of(source) if source is not None else None
+            if lay is None and (merged is None or shape is None
+                                or not _attach_constant(ctx, source, shape, merged)):
+                return _unknown(ctx, node, "concatenation along a non-unit dim", opaque=False)
+        if merged is None:
             return _unknown(ctx, node, "concatenation along a non-unit dim", opaque=False)
         return merged
     segments: list[Segment] = []
@@ -202,6 +212,21 @@ def _cat(ctx: BuildContext, node: fx.Node) -> NodeLayout:
                 return _unknown(ctx, node, "concatenation of an untraced tensor", opaque=False)
             segments.append(Segment(None, shape[dim]))
     return Layout(dim, len(out_shape), tuple(segments))
+
+
+_BROADCASTS = {"expand", "expand_as", "repeat", "to", "type_as", "contiguous"}
+
+
+def _parameter_source(arg: Any) -> fx.Node | None:
+    """The ``get_attr`` node a tensor is broadcast from (``param.expand(b, -1, -1)``)."""
+    while isinstance(arg, fx.Node):
+        if arg.op == "get_attr":
+            return arg
+        if arg.op == "call_method" and arg.target in _BROADCASTS:
+            arg = arg.args[0]
+        else:
+            return None
+    return None
 
 
 def _reduce(ctx: BuildContext, node: fx.Node) -> NodeLayout:

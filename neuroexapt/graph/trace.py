@@ -15,11 +15,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from neuroexapt.errors import LayerNotFoundError, TraceError, UnsupportedModuleError
 from neuroexapt.graph.cache import cache_key, lookup, store
+from neuroexapt.graph.concrete import concrete_trace, strip_root
 from neuroexapt.graph.context import BuildContext, NodeLayout
 from neuroexapt.graph.groups import Group, Member
 from neuroexapt.graph.handlers import get_handler, is_registered_leaf
 from neuroexapt.graph.layout import Layout, Segment
 from neuroexapt.graph.rules import apply_rule
+from neuroexapt.graph.thirdparty import register_third_party
 from neuroexapt.graph.transformer import plain_forward
 from neuroexapt.graph.wrappers import accepts_wrapped, wrapper_prefixes
 
@@ -211,6 +213,7 @@ def trace(
     Raises:
         TraceError: torch.fx cannot trace the model, or it fails on ``example_inputs``.
     """
+    register_third_party()
     inputs = in_model_dtype(model, (example_inputs,) if isinstance(
         example_inputs, torch.Tensor) else tuple(example_inputs))
     leaf_modules = tuple(leaf_modules)  # read twice below: by the key and by the tracer
@@ -226,18 +229,31 @@ def trace(
 def _trace(
     model: nn.Module, inputs: tuple[Any, ...], leaf_modules: Sequence[type[nn.Module] | str]
 ) -> ModelGraph:
-    """Trace with torch.fx, propagate shapes and build the groups (no cache)."""
+    """Trace with torch.fx, propagate shapes and build the groups (no cache).
+
+    Symbolic tracing first; a model it cannot follow (control flow on tensors, a forward
+    behind ``*args, **kwargs``) is traced again with the example inputs' concrete values
+    (:mod:`neuroexapt.graph.concrete`).
+    """
     tracer = _Tracer(leaf_modules)
+    concrete = False
     try:
-        graph = tracer.trace(model)
-    except Exception as e:  # fx raises many types: report them all the same way
-        raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}. Move "
-            "data-dependent control flow into a submodule and mark its type with "
-            "neuroexapt.mark_leaf(Type) or pass it in leaf_modules= to trace (then, to resize "
-            f"through it, {_HOW_TO_REGISTER})"
-        ) from e
-    gm = fx.GraphModule(tracer.root, graph)
+        gm = fx.GraphModule(tracer.root, tracer.trace(model))
+    except Exception as symbolic:  # fx raises many types: report them all the same way
+        try:
+            with frozen_mode(model):
+                gm = concrete_trace(model, inputs, _Tracer, leaf_modules)
+        except Exception as e:
+            raise TraceError(
+                f"torch.fx cannot trace {type(model).__name__}: {type(symbolic).__name__}: "
+                f"{symbolic}; tracing it on example_inputs failed too: {type(e).__name__}: "
+                f"{e}. Move the code it cannot follow into a submodule and mark its type "
+                "with neuroexapt.mark_leaf(Type) or pass it in leaf_modules= to trace (then, "
+                f"to resize through it, {_HOW_TO_REGISTER})"
+            ) from e
+        concrete = True
+        logger.debug("traced %s with concrete values (symbolic tracing failed: %s)",
+                     type(model).__name__, symbolic)
     with frozen_mode(model):
         try:
             ShapeProp(gm).propagate(*inputs)
@@ -246,7 +262,9 @@ def _trace(
                 f"running the traced {type(model).__name__} on example_inputs failed: "
                 f"{type(e).__name__}: {e}. Pass inputs the model accepts"
             ) from e
-    return _build(model, graph)
+    if concrete:
+        strip_root(gm.graph)
+    return _build(model, gm.graph)
 
 
 def _build(model: nn.Module, graph: fx.Graph) -> ModelGraph:
