@@ -151,10 +151,11 @@ def measure(data: Data, args: argparse.Namespace) -> dict[str, Any]:
     init = VGGSmall()
     warm = copy.deepcopy(init)  # one-time costs (allocator, kernels) before any timing
     _epoch(warm, _sgd(warm, args.lr), Batches(data[0][:512], data[1][:512], args.batch, 0))
-    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in ARMS}
+    arms = args.arms
+    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     for r in range(args.repeats):
-        for i in range(len(ARMS)):
-            arm = ARMS[(r + i) % len(ARMS)]
+        for i in range(len(arms)):
+            arm = arms[(r + i) % len(arms)]
             torch.manual_seed(args.seed + r)
             out = RUNNERS[arm](init, data, args)
             model = out.pop("model")
@@ -162,20 +163,21 @@ def measure(data: Data, args: argparse.Namespace) -> dict[str, Any]:
             runs[arm].append(out)
             print(f"repeat {r + 1} {arm}: {out['wall_s']:.1f} s", flush=True)
     plain = [x["wall_s"] for x in runs["plain"]]
-    summary = {}
-    for arm in ARMS:
+    summary: dict[str, dict[str, Any]] = {}
+    for arm in arms:
         walls = [x["wall_s"] for x in runs[arm]]
         summary[arm] = {"median_s": statistics.median(walls),
                         "ratios": [w / p for w, p in zip(walls, plain, strict=True)],
                         "params": runs[arm][-1]["params"],
                         "acc": statistics.mean(x["acc"] for x in runs[arm])}
         summary[arm]["overhead"] = summary[arm]["median_s"] / summary["plain"]["median_s"] - 1
-    own = [x["dnm_calls_s"] + x["dnm_hooks_s"] for x in runs["dnm"]]
-    summary["dnm"]["own_share"] = statistics.median(
-        o / (x["wall_s"] - o) for o, x in zip(own, runs["dnm"], strict=True))
-    summary["dnm"]["hooks_share"] = statistics.median(
-        x["dnm_hooks_s"] / (x["wall_s"] - o) for o, x in zip(own, runs["dnm"], strict=True))
-    summary["dnm"]["changes"] = [x["changes"] for x in runs["dnm"]]
+    if "dnm" in runs:
+        own = [x["dnm_calls_s"] + x["dnm_hooks_s"] for x in runs["dnm"]]
+        summary["dnm"]["own_share"] = statistics.median(
+            o / (x["wall_s"] - o) for o, x in zip(own, runs["dnm"], strict=True))
+        summary["dnm"]["hooks_share"] = statistics.median(
+            x["dnm_hooks_s"] / (x["wall_s"] - o) for o, x in zip(own, runs["dnm"], strict=True))
+        summary["dnm"]["changes"] = [x["changes"] for x in runs["dnm"]]
     return {"runs": runs, "summary": summary}
 
 
@@ -183,22 +185,25 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> str:
     s = result["summary"]
     lines = ["| arm | median wall s | overhead vs plain | per-repeat ratio | final params | "
              "test acc % |", "|---|---:|---:|---|---:|---:|"]
-    for arm in ARMS:
+    for arm in args.arms:
         row = s[arm]
         ratios = ", ".join(f"{r:.3f}" for r in row["ratios"])
         lines.append(f"| {arm} | {row['median_s']:.1f} | {100 * row['overhead']:+.1f}% | "
                      f"{ratios} | {row['params']:,} | {row['acc']:.2f} |")
     lines.append("")
-    own = s["dnm"]["own_share"] <= DNM_OWN_GOAL
-    lines.append(f"DNM's own work (its hooks on the training batches and its calls after each "
-                 f"epoch) took {100 * s['dnm']['own_share']:.1f}% of the rest of its loop's wall "
-                 f"time, the hooks {100 * s['dnm']['hooks_share']:.1f}% (median over repeats; "
-                 f"goal <= {100 * DNM_OWN_GOAL:.0f}%: {'met' if own else 'missed'}); changes "
-                 f"made per run: {s['dnm']['changes']}.")
-    goal = s["trainer"]["overhead"] <= OVERHEAD_GOAL
-    lines.append(f"Trainer analysis overhead {100 * s['trainer']['overhead']:+.1f}% "
-                 f"(goal <= {100 * OVERHEAD_GOAL:.0f}%: {'met' if goal else 'missed'}); "
-                 f"{args.epochs} epochs of {args.subset} images, {args.threads} threads.")
+    if "dnm" in s:
+        own = s["dnm"]["own_share"] <= DNM_OWN_GOAL
+        lines.append(f"DNM's own work (its hooks on the training batches and its calls after "
+                     f"each epoch) took {100 * s['dnm']['own_share']:.1f}% of the rest of its "
+                     f"loop's wall time, the hooks {100 * s['dnm']['hooks_share']:.1f}% (median "
+                     f"over repeats; goal <= {100 * DNM_OWN_GOAL:.0f}%: "
+                     f"{'met' if own else 'missed'}); changes made per run: "
+                     f"{s['dnm']['changes']}.")
+    if "trainer" in s:
+        goal = s["trainer"]["overhead"] <= OVERHEAD_GOAL
+        lines.append(f"Trainer analysis overhead {100 * s['trainer']['overhead']:+.1f}% "
+                     f"(goal <= {100 * OVERHEAD_GOAL:.0f}%: {'met' if goal else 'missed'}); "
+                     f"{args.epochs} epochs of {args.subset} images, {args.threads} threads.")
     return "\n".join(lines)
 
 
@@ -214,8 +219,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--edits", action="store_true", help="also run edit_latency.py")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help="comma-separated arms among plain, dnm, trainer (plain is always run)")
     p.add_argument("--json", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(wanted) - set(ARMS))
+    if unknown:
+        p.error(f"unknown arms {unknown}; valid: {', '.join(ARMS)}")
+    args.arms = [a for a in ARMS if a == "plain" or a in wanted]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

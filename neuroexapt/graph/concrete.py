@@ -163,7 +163,6 @@ def concrete_tracer(base: type[fx.Tracer]) -> type[fx.Tracer]:
             self.inputs = list(inputs)
             self._placeholders = 0
             self._computing = 0
-            self._forwards: list[Callable[..., Any]] = []
 
         def proxy(self, node: fx.Node) -> ConcreteProxy:
             return ConcreteProxy(node, self)
@@ -191,8 +190,8 @@ def concrete_tracer(base: type[fx.Tracer]) -> type[fx.Tracer]:
                     value = target(*va, **vk)
                 elif kind == "call_method":
                     value = getattr(va[0], target)(*va[1:], **vk)
-                elif kind == "call_module":
-                    value = self._forwards[-1](*va, **vk)
+                elif kind == "call_module":  # forward itself: the model's hooks stay quiet
+                    value = self.root.get_submodule(str(target)).forward(*va, **vk)
                 else:  # get_attr
                     value = self.root
                     for atom in str(target).split("."):
@@ -214,11 +213,7 @@ def concrete_tracer(base: type[fx.Tracer]) -> type[fx.Tracer]:
                 self.path_of_module(m)
             except NameError:  # built inside forward (nn.ReLU()(x)): inline it
                 return forward(*args, **kwargs)
-            self._forwards.append(forward)
-            try:
-                return super().call_module(m, forward, args, kwargs)
-            finally:
-                self._forwards.pop()
+            return super().call_module(m, forward, args, kwargs)
 
         def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Any) -> Any:
             if self._computing:

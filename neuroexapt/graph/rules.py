@@ -395,6 +395,12 @@ _METHOD_RULES.update({
 })
 
 
+# functions of other libraries, by (module, name): NeuroExapt never imports them
+_THIRD_PARTY: dict[tuple[str | None, str | None], Rule] = {
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"): _unary,  # drops whole samples
+}
+
+
 def apply_rule(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     """Layout of a ``call_function`` / ``call_method`` node's output."""
     if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
@@ -403,6 +409,9 @@ def apply_rule(ctx: BuildContext, node: fx.Node) -> NodeLayout:
         return None
     table = _FUNCTION_RULES if node.op == "call_function" else _METHOD_RULES
     rule = table.get(node.target)
+    if rule is None and node.op == "call_function":
+        rule = _THIRD_PARTY.get((getattr(node.target, "__module__", None),
+                                 getattr(node.target, "__name__", None)))
     if rule is not None:
         return rule(ctx, node)
     if not ctx.layouts_in((node.args, node.kwargs)):

@@ -238,7 +238,8 @@ def _trace(
     tracer = _Tracer(leaf_modules)
     concrete = False
     try:
-        gm = fx.GraphModule(tracer.root, tracer.trace(model))
+        graph = tracer.trace(model)  # sets tracer.root
+        gm = fx.GraphModule(tracer.root, graph)
     except Exception as symbolic:  # fx raises many types: report them all the same way
         try:
             with frozen_mode(model):

@@ -28,3 +28,15 @@ def test_three_arms_timed_in_rotation(bench: Callable[[str], ModuleType], cifar_
     assert all(r["dnm_hooks_s"] > 0 for r in result["runs"]["dnm"])  # training batches recorded
     assert 0 < summary["dnm"]["hooks_share"] < summary["dnm"]["own_share"]
     assert summary["trainer"]["params"] == summary["plain"]["params"]  # threshold 0: no pruning
+
+
+def test_a_subset_of_arms(bench: Callable[[str], ModuleType], cifar_dir: Path,
+                          tmp_path: Path) -> None:
+    module = bench("overhead")
+    out = tmp_path / "o.json"
+    assert module.main(["--data-dir", str(cifar_dir), "--subset", "128", "--val", "100",
+                        "--epochs", "1", "--repeats", "1", "--threads", "1", "--arms", "trainer",
+                        "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"plain", "trainer"}
+    assert "overhead" in result["summary"]["trainer"]

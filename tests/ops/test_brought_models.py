@@ -396,3 +396,38 @@ def test_the_convnext_block_edits_correctly(layer: str) -> None:
         size = 2 * 16 - 2
         assert model[2].layer_scale.shape == (size, 1, 1) and model[1].normalized_shape == (size,)
         assert model[4].normalized_shape == (size,) and model[3].block[0].groups == size
+
+
+# ----------------------------------------------------------------------------- concrete tracing
+
+
+class Checks(nn.Module):
+    """Control flow on tensor values, which symbolic tracing cannot follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 3:
+            raise ValueError("expected 3 channels")
+        h = self.conv(x)
+        for _ in range(int(h.shape[1]) // 8):  # a loop bound read from a shape
+            h = torch.relu(h)
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_a_model_with_control_flow_is_traced_with_concrete_values() -> None:
+    torch.manual_seed(0)
+    model = Checks().eval()
+    calls: list[str] = []
+    model.conv.register_forward_hook(lambda *_: calls.append("hook"))
+    before = model(X).detach()
+    calls.clear()
+    graph = neuroexapt.trace(model, X)
+    assert len(calls) == 1  # one run to read shapes, as for any model: recording is silent
+    assert graph.group_of("conv").resizable
+    neuroexapt.widen(model, "conv", 8, example_inputs=X)
+    assert_same_function(before, model(X), X)
+    assert model.conv.out_channels == 16
