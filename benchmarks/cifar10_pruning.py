@@ -14,10 +14,10 @@ MACs removed) by two methods and fine-tuned with the same budget:
 * **torch-pruning**: ``torch_pruning.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)``
   (its default), uniform per-layer ratio, the ratio found by bisection so that the pruned
   model has the same MACs (``neuroexapt.count_macs``) as the target;
-* **torch-pruning-latency** (with ``--latency-arm``): the same, its ratio found by bisection
-  so that its latency at batch 64 (measured in rotation with the neuroexapt-latency model,
-  ``--latency-threads`` threads) is at most the neuroexapt-latency model's: the comparison at
-  equal measured latency.
+* **torch-pruning-latency** (with ``--latency-arm``): the same, at the ratio (of 0.05, 0.10,
+  ..., 0.90) whose latency at batch 64 is closest to the neuroexapt-latency model's, all
+  timed in one rotation (``--latency-threads`` threads): the comparison at equal measured
+  latency.
 
 Training and fine-tuning: SGD (momentum 0.9, weight decay 5e-4, Nesterov), cosine learning
 rate, batch 128, random crop and flip; the dense model trains ``--epochs``, every pruned one
@@ -38,6 +38,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -193,24 +194,19 @@ def prune_torch_pruning(model: nn.Module, goal_macs: float, example: torch.Tenso
 
 def prune_torch_pruning_latency(model: nn.Module, reference: nn.Module, x: torch.Tensor,
                                 repeats: int) -> tuple[nn.Module, float]:
-    """The smallest uniform ratio whose pruned model runs ``x`` at most as slowly as ``reference``.
+    """The uniform ratio whose pruned model runs ``x`` closest to ``reference``'s latency.
 
-    Each candidate is timed in rotation with ``reference`` (median of ``repeats``), so the
-    comparison holds on a busy machine; 8 bisection steps over the ratio in [0, 0.95].
+    Latency is not monotonic in the ratio on a CPU (some channel counts run slower than
+    larger ones), so instead of a bisection, Torch-Pruning's models at ratios 0.05, 0.10, ...,
+    0.90 are all timed in one rotation with ``reference`` (median of ``repeats``), and the one
+    whose latency is closest to it (in log ratio) is kept.
     """
-    low, high = 0.0, 0.95
-    best = None
-    for _ in range(8):
-        mid = 0.5 * (low + high)
-        candidate = _tp_pruned(model, mid, x[:1])
-        ours, theirs = paired_latency([reference, candidate], x, repeats, 2)
-        if theirs > ours:
-            low = mid
-        else:
-            high, best = mid, candidate
-    if best is None:
-        best = _tp_pruned(model, high, x[:1])
-    return best, high
+    ratios = [round(0.05 * k, 2) for k in range(1, 19)]
+    candidates = [_tp_pruned(model, r, x[:1]) for r in ratios]
+    times = paired_latency([reference, *candidates], x, repeats, 2)
+    gaps = [abs(math.log(t / times[0])) for t in times[1:]]
+    best = min(range(len(ratios)), key=gaps.__getitem__)
+    return candidates[best], ratios[best]
 
 
 def dense_model(name: str, x_tr: torch.Tensor, y_tr: torch.Tensor, args: argparse.Namespace

@@ -35,14 +35,14 @@ class ConvHandler(ProducerHandler):
         lay = self.check_input(ctx, ctx.layout_of(node.args[0]), 1, name)
         if module.groups == module.in_channels:
             return self._depthwise(ctx, module, name, lay, node)
-        reason = (
-            f"grouped convolution '{name}' (groups={module.groups}) ties its channels to its "
-            "groups; resizing is supported for groups=1 and depthwise convolutions"
-        )
-        if lay is not None:
-            ctx.freeze([lay], reason, name)
+        if lay is not None:  # each input channel feeds one group's slice of the weight
+            ctx.freeze([lay], f"grouped convolution '{name}' (groups={module.groups}) reads "
+                       "these channels group by group; its input channels cannot be resized",
+                       name)
+        # its output channels form `groups` equal segments: resized alike in each
         out = self.output(ctx, node, module, name)
-        ctx.freeze([out], reason, name)
+        for gid in out.gids:
+            ctx.groups.constrain(gid, module.groups)
         return out
 
     def _depthwise(

@@ -190,14 +190,14 @@ def test_depthwise_multiplier_gives_blocks() -> None:
     assert read("conv2", block=2) in group.members
 
 
-def test_grouped_conv_freezes_with_reason() -> None:
+def test_grouped_conv_freezes_its_inputs_and_segments_its_outputs() -> None:
     g = trace(Depthwise(groups=2))
     before, after = g.group_of("conv1"), g.group_of("dw")
     assert before is not after
-    for group in (before, after):
-        assert not group.resizable
-        assert any("groups=2" in r and "'dw'" in r for r in group.frozen), group.frozen
-        assert "dw" in group.frozen_modules
+    assert not before.resizable
+    assert any("groups=2" in r and "'dw'" in r for r in before.frozen), before.frozen
+    assert "dw" in before.frozen_modules
+    assert after.segments == 2
 
 
 def test_residual_add_merges_producers() -> None:

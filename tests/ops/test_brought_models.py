@@ -431,3 +431,23 @@ def test_a_model_with_control_flow_is_traced_with_concrete_values() -> None:
     neuroexapt.widen(model, "conv", 8, example_inputs=X)
     assert_same_function(before, model(X), X)
     assert model.conv.out_channels == 16
+
+
+def test_a_grouped_convolution_resizes_its_outputs_group_by_group() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1, groups=4),
+                          nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 6, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    before = model(X).detach()
+    assert neuroexapt.trace(model, X).group_of("2").segments == 4
+    neuroexapt.widen(model, "2", 8, example_inputs=X)  # two more channels in each group
+    assert_same_function(before, model(X), X)
+    assert model[2].out_channels == 20 and model[2].groups == 4
+    with pytest.raises(SurgeryError, match="equal segments"):
+        neuroexapt.narrow(model, "2", remove=[0, 1])  # both from the first group
+    neuroexapt.narrow(model, "2", remove=[0, 5, 10, 15])
+    assert model[2].out_channels == 16 and model(X).shape == before.shape
+    snap = snapshot_model(model)
+    with pytest.raises(SurgeryError, match="reads these channels group by group"):
+        neuroexapt.widen(model, "0", 4)
+    assert_model_unchanged(model, snap)
