@@ -100,11 +100,28 @@ class DataDependent(nn.Module):
         return self.fc2(h)
 
 
-def test_untraceable_model_mentions_leaf_modules() -> None:
+class TensorsOnly(DataDependent):
+    """Refuses anything that is not a real tensor: no tracer gets through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or type(x) is not torch.Tensor:
+            raise TypeError("tensors only")
+        return self.fc2(self.fc1(x))
+
+
+def test_data_dependent_control_flow_follows_the_example() -> None:
     model = DataDependent().eval()
     x = torch.randn(3, 4)
-    fails(model, TraceError, r"cannot trace DataDependent.*leaf_modules=", neuroexapt.widen,
-          "fc1", example_inputs=x)
+    before = model(x)
+    neuroexapt.widen(model, "fc1", 4, example_inputs=x)  # traced with concrete values
+    assert torch.allclose(model(x), before, atol=1e-6)
+
+
+def test_untraceable_model_mentions_leaf_modules() -> None:
+    model = TensorsOnly().eval()
+    x = torch.randn(3, 4)
+    fails(model, TraceError, r"cannot trace TensorsOnly.*tensors only.*leaf_modules=",
+          neuroexapt.widen, "fc1", example_inputs=x)
     with pytest.raises(TraceError, match=r"leaf_modules=.*register_handler"):
         neuroexapt.trace(model, x)
 
