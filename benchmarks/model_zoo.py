@@ -23,8 +23,9 @@ Each case is one of:
 
 Then ``neuroexapt.prune_to`` removes 30% of the MACs (``score="norm"``), and, side by side,
 Torch-Pruning (``MetaPruner``, magnitude importance, uniform ratio 0.3, the output layer
-ignored) prunes the same model when it is installed; each result is ok (the pruned model runs
-with the output's shape and fewer parameters), refused (a clear error) or FAILED.
+ignored) prunes the same model when it is installed, in a child process limited to 8 GiB
+(it exhausted 24 GiB on Swin-T); each result is ok (the pruned model runs with the output's
+shape and fewer parameters), refused (a clear error) or FAILED.
 
 Usage::
 
@@ -189,11 +190,44 @@ def _prune_ours(build: Callable[[], Built]) -> tuple[str, str]:
     return "ok", ""
 
 
+def _isolated(fn: Callable[[], tuple[str, str]], gib: float) -> tuple[str, str]:
+    """``fn()`` in a forked process limited to ``gib`` GiB of address space (Torch-Pruning
+    exhausted 24 GiB on Swin-T): a MemoryError or a crash there is its result."""
+    import multiprocessing
+    import resource
+
+    def child(conn: Any) -> None:
+        limit = int(gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            conn.send(fn())
+        except BaseException as e:  # MemoryError included
+            conn.send(("FAILED", f"{type(e).__name__}: {e}"))
+
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child, args=(there,))
+    proc.start()
+    there.close()
+    try:
+        result: tuple[str, str] = here.recv()
+    except EOFError:
+        result = ("FAILED", f"the process died (exit code {proc.exitcode})")
+    proc.join()
+    return result
+
+
 def _prune_theirs(build: Callable[[], Built]) -> tuple[str, str]:
     try:
-        import torch_pruning as tp
+        import torch_pruning  # noqa: F401
     except ImportError:
         return "n/a", "torch-pruning is not installed"
+    return _isolated(lambda: _tp_prune(build), 8.0)
+
+
+def _tp_prune(build: Callable[[], Built]) -> tuple[str, str]:
+    import torch_pruning as tp
+
     model, inputs = build()
     before = _run(model, inputs)
     params = sum(p.numel() for p in model.parameters())
