@@ -81,7 +81,8 @@ class NeuroExapt:
         self.task_type, self.depth, self.lam = task_type, depth, float(lam)
         self.structure = StructuralEntropy(alpha=1.0, beta=float(entropy_weight))
         self.model: nn.Module | None = None
-        self.report: AnalysisReport | None = None
+        self._report: AnalysisReport | None = None
+        self._stale = False  # the model changed since _report: measure _probe on demand
         self.history: dict[str, list[float]] = {}
         self._importance: Callable[[torch.Tensor, torch.Tensor], float] | None = None
         self._sink: RunLogger | None = None
@@ -164,17 +165,37 @@ class NeuroExapt:
         self._probe = list(_take(data, batches))
         if not self._probe:
             raise ConfigError("measure got no batch; pass (inputs, targets) batches")
-        previous = self.report
-        self.report = analyze(model, self._probe, batches=len(self._probe),
-                              task_type=self.task_type, importance=self._importance)
+        previous = self._report
+        self._report = analyze(model, self._probe, batches=len(self._probe),
+                               task_type=self.task_type, importance=self._importance)
+        self._stale = False
         self._record(previous)
-        return self.report
+        return self._report
+
+    @property
+    def report(self) -> AnalysisReport | None:
+        """The last measurement (None before any), taken again first if the model changed
+        since and the data to measure it on is known (after :meth:`~neuroexapt.Trainer.fit`,
+        the Trainer's validation batches: see :meth:`measure_later`)."""
+        if self._stale and self._probe:
+            self.measure()
+        return self._report
+
+    def measure_later(self, data: Iterable[Batch], batches: int = 4) -> None:
+        """Measure on ``data`` when a report is next needed, not now.
+
+        The Trainer calls it at the end of ``fit``: ``ne.prune_layers()``, ``ne.measure()`` and
+        ``ne.report`` then describe the trained model without ``fit`` paying for an analysis
+        nobody may read.
+        """
+        self._probe = list(_take(data, batches))
+        self._stale = True
 
     def _record(self, previous: AnalysisReport | None) -> None:
-        assert self.report is not None
-        info = [x.metrics.get("information", 0.0) for x in self.report.layers]
+        assert self._report is not None
+        info = [x.metrics.get("information", 0.0) for x in self._report.layers]
         before = [x.metrics.get("information", 0.0) for x in previous.layers] if previous else []
-        measured = [s for s in self.report.stats.values() if s.batches]
+        measured = [s for s in self._report.stats.values() if s.batches]
         entropies = [float(unit_entropy(s.samples()[0]).mean()) for s in measured
                      if s.samples()[0].shape[0] > 1]
         self.structure.step(info, kl=self._pending_kl)
@@ -345,9 +366,10 @@ class NeuroExapt:
         return self.model
 
     def _require_report(self) -> AnalysisReport:
-        if self.report is None:
+        report = self.report
+        if report is None:
             raise ConfigError(_NO_DATA)
-        return self.report
+        return report
 
     def _optimizer_for(self, given: torch.optim.Optimizer | None, what: str
                        ) -> torch.optim.Optimizer | None:

@@ -32,8 +32,9 @@ the model returned computes what the gated model computes in eval mode.
 
 Measurements: the model's facade (:class:`NeuroExapt`, the one that wrapped it) measures the
 model on the first validation batches after every epoch while a monitor or a custom importance
-metric is set, and at the end of ``fit`` in any case, so ``ne.prune_layers()``,
-``ne.expand_layers()`` and ``ne.measure()`` work after ``fit`` without data; edits made through
+metric is set; at the end of ``fit`` it keeps those batches (``ne.measure_later``), so
+``ne.report``, ``ne.prune_layers()``, ``ne.expand_layers()`` and ``ne.measure()`` measure the
+trained model on them when first called, without data; edits made through
 the facade migrate the Trainer's optimizer, so a second ``fit`` trains what they added.
 """
 
@@ -204,8 +205,8 @@ class Trainer:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(val=f"{metric:.4f}", params=count_parameters(self.model))
         self._absorb()
-        if not fresh:  # so that ne.prune_layers() and friends work after fit
-            self.ne.measure(val)
+        if not fresh:  # ne.prune_layers() and friends measure the trained model when called
+            self.ne.measure_later(val)
         return self.history
 
     def _train_epoch(self, loader: Iterable[Batch]) -> float:

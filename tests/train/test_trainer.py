@@ -95,3 +95,24 @@ def test_empty_loaders_and_nan_losses_fail_clearly(data: dict[str, list]) -> Non
         neuroexapt.Trainer(DigitsCNN(), progress=False).fit(bad, data["val"], epochs=1)
     with pytest.raises(ConfigError, match="epochs"):
         trainer.fit(data["train"], data["val"], epochs=0)
+
+
+def test_fit_defers_the_closing_analysis_until_a_report_is_needed(
+        data: dict[str, list], monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuroexapt.train import facade
+
+    calls: list[int] = []
+    real = facade.analyze
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(facade, "analyze", counted)
+    model, _, trainer = fit(data, epochs=1)
+    assert calls == []  # nothing measured: no monitor, no importance metric
+    report = trainer.ne.report  # the first read measures the trained model
+    assert calls == [1] and report is not None
+    assert set(report.order) <= {n for n, _ in model.named_modules()}
+    assert trainer.ne.report is report and calls == [1]  # once
+    assert trainer.ne.prune_layers("entropy<0.0") == [] and calls == [1]
