@@ -23,9 +23,9 @@ Each case is one of:
 
 Then ``neuroexapt.prune_to`` removes 30% of the MACs (``score="norm"``), and, side by side,
 Torch-Pruning (``MetaPruner``, magnitude importance, uniform ratio 0.3, the output layer
-ignored) prunes the same model when it is installed, in a child process limited to 8 GiB
-(it exhausted 24 GiB on Swin-T); each result is ok (the pruned model runs with the output's
-shape and fewer parameters), refused (a clear error) or FAILED.
+ignored) prunes the same model when it is installed, in a child process limited to 16 GiB
+and 10 minutes (it exhausted 24 GiB on Swin-T); each result is ok (the pruned model runs
+with the output's shape and fewer parameters), refused (a clear error) or FAILED.
 
 Usage::
 
@@ -190,9 +190,11 @@ def _prune_ours(build: Callable[[], Built]) -> tuple[str, str]:
     return "ok", ""
 
 
-def _isolated(fn: Callable[[], tuple[str, str]], gib: float) -> tuple[str, str]:
-    """``fn()`` in a forked process limited to ``gib`` GiB of address space (Torch-Pruning
-    exhausted 24 GiB on Swin-T): a MemoryError or a crash there is its result."""
+def _isolated(fn: Callable[[], tuple[str, str]], gib: float, seconds: float
+              ) -> tuple[str, str]:
+    """``fn()`` in a forked process limited to ``gib`` GiB of address space and ``seconds``
+    (Torch-Pruning exhausted 24 GiB on Swin-T): a MemoryError, a crash or the time running
+    out there is its result."""
     import multiprocessing
     import resource
 
@@ -209,10 +211,15 @@ def _isolated(fn: Callable[[], tuple[str, str]], gib: float) -> tuple[str, str]:
     proc = ctx.Process(target=child, args=(there,))
     proc.start()
     there.close()
-    try:
-        result: tuple[str, str] = here.recv()
-    except EOFError:
-        result = ("FAILED", f"the process died (exit code {proc.exitcode})")
+    result: tuple[str, str]
+    if not here.poll(seconds):
+        proc.kill()
+        result = ("FAILED", f"did not finish in {seconds:.0f} s")
+    else:
+        try:
+            result = here.recv()
+        except EOFError:
+            result = ("FAILED", f"the process died (exit code {proc.exitcode})")
     proc.join()
     return result
 
@@ -222,7 +229,7 @@ def _prune_theirs(build: Callable[[], Built]) -> tuple[str, str]:
         import torch_pruning  # noqa: F401
     except ImportError:
         return "n/a", "torch-pruning is not installed"
-    return _isolated(lambda: _tp_prune(build), 8.0)
+    return _isolated(lambda: _tp_prune(build), 16.0, 600.0)
 
 
 def _tp_prune(build: Callable[[], Built]) -> tuple[str, str]:

@@ -51,8 +51,10 @@ def _identity_conv(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, kw: dict[str, Any])
         raise SurgeryError("deepen does not support grouped (non-depthwise) convolutions")
     ks = tuple(k if k % 2 == 1 else 1 for k in layer.kernel_size)
     groups = n if depthwise else 1
-    new = type(layer)(n, n, ks, padding=tuple(k // 2 for k in ks), groups=groups,
-                      bias=layer.bias is not None, **kw)
+    # the built-in class: a subclass's own __init__ may take other arguments
+    base = next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(layer, c))
+    new = base(n, n, ks, padding=tuple(k // 2 for k in ks), groups=groups,
+               bias=layer.bias is not None, **kw)
     with torch.no_grad():
         new.weight.zero_()
         centre = tuple(k // 2 for k in ks)

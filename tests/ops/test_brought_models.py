@@ -152,7 +152,11 @@ def test_tied_weights_couple_the_groups_that_share_them() -> None:
 
 
 class MyConv(nn.Conv2d):
-    """A subclass that changes nothing the layer computes."""
+    """A subclass that changes nothing the layer computes, with its own __init__ arguments
+    (as transformers' EfficientNetDepthwiseConv2d has)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, padding: int = 0) -> None:
+        super().__init__(c_in, c_out, k, padding=padding)
 
 
 class ScaledConv(nn.Conv2d):
@@ -168,6 +172,8 @@ def test_a_subclass_of_a_builtin_layer_uses_its_handler() -> None:
     neuroexapt.widen(model, "0", 4, example_inputs=X)
     assert_same_function(before, model(X), X)
     assert model[0].out_channels == 12 and type(model[0]) is MyConv
+    neuroexapt.deepen(model, "3", verify=True)  # the new layer is a plain Conv2d
+    assert_same_function(before, model(X), X)
     assert handlers.is_registered_leaf(MyConv(1, 1, 1))
     assert not handlers.is_registered_leaf(ScaledConv(1, 1, 1))
 
