@@ -129,7 +129,8 @@ def _edit(model: nn.Module, inputs: tuple[torch.Tensor, ...], layer: str, op: st
         return
     group = neuroexapt.trace(model, inputs).group_of(layer)
     if op == "narrow":
-        neuroexapt.narrow(model, layer, remove=list(range(group.segments)),
+        per = group.size // group.segments  # one unit of each segment (grouped convs)
+        neuroexapt.narrow(model, layer, remove=[s * per for s in range(group.segments)],
                           example_inputs=inputs)
     else:
         by = group.size if group.normalizers else 2 * group.segments
