@@ -138,8 +138,10 @@ def test_moments_equal_direct_computation(layer: nn.Module, shape: tuple[int, ..
         rows = torch.cat([to_rows(layer(x)) for x in xs]).double()
     mean, var = moments(rows)
     s = c["0"]
-    torch.testing.assert_close(s.mean, mean, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(s.var, var, atol=ATOL, rtol=RTOL)
+    # the collector accumulates float32 moments: float32 rounding of O(1) values, whatever
+    # the weights the parametrisation happened to draw
+    torch.testing.assert_close(s.mean, mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s.var, var, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(s.dead_fraction, (rows <= 0).double().mean(0), atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(s.saturated_fraction, (rows.abs() >= 0.3).double().mean(0),
                                atol=ATOL, rtol=RTOL)
