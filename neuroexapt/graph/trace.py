@@ -54,8 +54,10 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
-        plain = None if self.is_leaf_module(m, self.path_of_module(m)) else plain_forward(m)
-        return super().call_module(m, plain or forward, args, kwargs)
+        plain = plain_forward(m)  # None for all but PyTorch's transformer layers
+        if plain is not None and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = plain
+        return super().call_module(m, forward, args, kwargs)
 
 
 class ModelGraph:
