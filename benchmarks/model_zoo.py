@@ -129,11 +129,13 @@ def _edit(model: nn.Module, inputs: tuple[torch.Tensor, ...], layer: str, op: st
         return
     group = neuroexapt.trace(model, inputs).group_of(layer)
     if op == "narrow":
-        per = group.size // group.segments  # one unit of each segment (grouped convs)
-        neuroexapt.narrow(model, layer, remove=[s * per for s in range(group.segments)],
+        # one unit (one head, for attention) of each segment (grouped convs)
+        per = group.size // group.segments
+        neuroexapt.narrow(model, layer, remove=[s * per + t for s in range(group.segments)
+                                                for t in range(group.atom)],
                           example_inputs=inputs)
     else:
-        by = group.size if group.normalizers else 2 * group.segments
+        by = group.size if group.normalizers else 2 * group.segments * group.atom
         neuroexapt.widen(model, layer, by, example_inputs=inputs, verify=True,
                          allow_approximate=bool(group.sums))
 

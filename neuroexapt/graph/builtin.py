@@ -152,6 +152,8 @@ class PReLUHandler(PerUnitHandler):
 class SoftmaxHandler(ElementwiseHandler):
     """Softmax-like layers: element-wise unless they normalise across the units."""
 
+    keeps_heads = True
+
     def propagate(
         self, ctx: BuildContext, node: fx.Node, module: nn.Module, name: str
     ) -> NodeLayout:
@@ -165,6 +167,8 @@ class SoftmaxHandler(ElementwiseHandler):
 
 class FlattenHandler(ElementwiseHandler):
     """nn.Flatten: one unit becomes a block of consecutive features."""
+
+    keeps_heads = True
 
     def propagate(
         self, ctx: BuildContext, node: fx.Node, module: nn.Module, name: str

@@ -103,11 +103,32 @@ class BuildContext:
         self.groups.refine(seg.gid, [(s.gid, s.units) for s in multi.segments], where)
         return True
 
+    def _merge_heads(self, layouts: Sequence[Layout], where: str) -> Layout | None:
+        """Unify layouts split into heads: same head size, same dims counted from the end."""
+        first = layouts[0]
+
+        def key(lay: Layout) -> tuple[int, int, int | None, bool]:
+            inner = None if lay.inner is None else lay.ndim - lay.inner
+            return lay.atom, lay.ndim - lay.dim, inner, lay.single is not None
+
+        if any(key(lay) != key(first) for lay in layouts) or first.single is None:
+            return None
+        for other in layouts[1:]:
+            a, b = first.single, other.single
+            assert a is not None and b is not None and a.gid is not None and b.gid is not None
+            if a.units != b.units:
+                return None
+            self.groups.union(a.gid, b.gid, where)
+        return max(layouts, key=lambda lay: lay.ndim)
+
     def merge(self, layouts: Sequence[Layout], where: str) -> Layout | None:
         """Unify layouts that meet element-wise (a residual add); None if they cannot align.
 
-        A single group that meets a concatenation is split into parts that follow it.
+        A single group that meets a concatenation is split into parts that follow it. Layouts
+        split into heads meet only layouts split the same way.
         """
+        if any(lay.heads for lay in layouts):
+            return self._merge_heads(layouts, where)
         if len(layouts) == 2:
             a, b = layouts
             if self._refine(a, b, where):

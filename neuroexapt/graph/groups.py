@@ -67,6 +67,8 @@ class Group:
         producers: names of the modules whose outputs are the units.
         segments: the units form this many equal segments that must keep equal sizes (GroupNorm
             groups, grouped convolutions); 1 when unconstrained.
+        atom: the units change only in whole runs of this many consecutive units, aligned
+            (attention heads: ``view(b, s, -1, head_dim)``); 1 when unconstrained.
         normalizers: modules that compute statistics over the units of each segment
             (LayerNorm, GroupNorm); widening such a group preserves the function only when every
             unit is duplicated equally.
@@ -83,6 +85,7 @@ class Group:
     members: list[Member] = field(default_factory=list)
     producers: list[str] = field(default_factory=list)
     segments: int = 1
+    atom: int = 1
     normalizers: list[str] = field(default_factory=list)
     extrema: list[str] = field(default_factory=list)
     sums: list[str] = field(default_factory=list)
@@ -166,6 +169,7 @@ class GroupBuilder:
         ga.members.extend(gb.members)
         ga.producers.extend(p for p in gb.producers if p not in ga.producers)
         ga.segments = math.lcm(ga.segments, gb.segments)
+        ga.atom = math.lcm(ga.atom, gb.atom)
         ga.normalizers.extend(gb.normalizers)
         ga.extrema.extend(gb.extrema)
         ga.sums.extend(gb.sums)
@@ -210,6 +214,8 @@ class GroupBuilder:
                 self.freeze(piece, reason)
             target = self.get(piece)
             target.producers.extend(p for p in group.producers if p not in target.producers)
+            if group.atom > 1:
+                self.freeze(piece, "attention heads span a concatenation")
             target.normalizers.extend(group.normalizers)
             target.extrema.extend(group.extrema)
             target.sums.extend(group.sums)
@@ -248,6 +254,16 @@ class GroupBuilder:
         if normalizer is not None:
             group.normalizers.append(normalizer)
 
+    def atomize(self, gid: int, atom: int, where: str) -> None:
+        """Require the units of ``gid`` to change only in whole aligned runs of ``atom``."""
+        root = self.find(gid)
+        if root in self.refined:
+            for piece, _ in self._pieces(root):
+                self.freeze(piece, f"attention heads at {where} span a concatenation")
+            return
+        group = self._groups[root]
+        group.atom = math.lcm(group.atom, atom)
+
     def reduce(self, gid: int, kind: str, where: str) -> None:
         """Record a reduction over the units of ``gid``: ``kind`` is ``"mean"``, ``"extremum"``
         or ``"sum"`` (see :class:`Group`)."""
@@ -269,6 +285,11 @@ class GroupBuilder:
             if group.size % group.segments:
                 group.frozen.append(
                     f"{group.size} units cannot form {group.segments} equal segments"
+                )
+            elif (group.size // group.segments) % group.atom:
+                group.frozen.append(
+                    f"{group.size} units cannot form whole heads of {group.atom} units"
+                    + (f" in {group.segments} equal segments" if group.segments > 1 else "")
                 )
             groups.append(group)
         mapping = {g: new_id[self.find(g)] for g in range(len(self._groups))}

@@ -45,7 +45,14 @@ __all__ = [
 
 
 class ModuleHandler:
-    """Base class of layer handlers; subclasses override :meth:`propagate` and :meth:`sync`."""
+    """Base class of layer handlers; subclasses override :meth:`propagate` and :meth:`sync`.
+
+    ``keeps_heads``: the layer acts on each element alone (dropout, activations), so units
+    split into attention heads pass through it; other layers never see such layouts (their
+    groups are frozen before :meth:`propagate` runs).
+    """
+
+    keeps_heads: bool = False
 
     def propagate(
         self, ctx: BuildContext, node: fx.Node, module: nn.Module, name: str
@@ -78,6 +85,7 @@ class ElementwiseHandler(ModuleHandler):
 
     def __init__(self, feature_dim: int | None = None) -> None:
         self.feature_dim = feature_dim
+        self.keeps_heads = feature_dim is None
 
     def propagate(
         self, ctx: BuildContext, node: fx.Node, module: nn.Module, name: str

@@ -17,7 +17,11 @@ import torch.nn.functional as F
 from torch import fx
 
 from neuroexapt.graph.context import BuildContext, NodeLayout
+from neuroexapt.graph.heads import matmul_rule, sdpa_rule
 from neuroexapt.graph.layout import Layout, Segment
+from neuroexapt.graph.nodes import arg as _arg
+from neuroexapt.graph.nodes import first as _first
+from neuroexapt.graph.nodes import unknown as _unknown
 
 __all__ = ["apply_rule", "flatten_layout"]
 
@@ -59,38 +63,6 @@ _REDUCE_KIND = {"mean": "mean", "amax": "extremum", "amin": "extremum", "max": "
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "type", "get_device", "item"}
 
 
-def _arg(node: fx.Node, index: int, key: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(key, default)
-
-
-def _first(ctx: BuildContext, node: fx.Node) -> Layout | None:
-    return ctx.layout_of(node.args[0]) if node.args else None
-
-
-def _user_module(node: fx.Node) -> tuple[str, str] | None:
-    """(name, class name) of the innermost user-defined module that ``node`` runs in."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, cls in reversed(list(stack.values())):
-        module = getattr(cls, "__module__", str(cls))
-        if not module.startswith(("torch.", "neuroexapt.")):
-            return path, getattr(cls, "__name__", str(cls)).rpartition(".")[2]
-    return None
-
-
-def _unknown(ctx: BuildContext, node: fx.Node, what: str, opaque: bool = True) -> NodeLayout:
-    """Freeze the groups ``node`` reads; ``opaque`` ops inside a user layer name that layer."""
-    ins = ctx.layouts_in((node.args, node.kwargs))
-    owner = _user_module(node) if opaque else None
-    if owner is None:
-        ctx.freeze(ins, f"{what} at node '{node.name}'")
-    else:
-        ctx.freeze(ins, f"{what} at node '{node.name}' inside '{owner[0]}' ({owner[1]}), a "
-                        f"layer with no handler", owner[0])
-    return None
-
-
 def _binary(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     operands = [a for a in node.args[:2]] + [v for k, v in node.kwargs.items() if k == "other"]
     layouts = [ctx.layout_of(a) for a in operands]
@@ -122,7 +94,7 @@ def _attach_constant(
     dim = lay.dim - (lay.ndim - len(shape))
     if dim < 0 or shape[dim] == 1:
         return True
-    if arg.op != "get_attr" or lay.single is None:
+    if arg.op != "get_attr" or lay.single is None or lay.heads:
         return False
     owner, _, attr = str(arg.target).rpartition(".")
     ctx.consume(lay.with_dim(dim, len(shape)), owner, attr, dim, "pass")
@@ -138,6 +110,8 @@ def flatten_layout(
         return None
     start, end = start % len(shape), end % len(shape)
     ndim = len(shape) - (end - start)
+    if lay.heads:
+        return _flatten_heads(ctx, node, lay, shape, start, end)
     if lay.dim < start:
         return lay.with_dim(lay.dim, ndim)
     if lay.dim > end:
@@ -147,9 +121,38 @@ def flatten_layout(
     return lay.scaled(math.prod(shape[start + 1 : end + 1])).with_dim(start, ndim)
 
 
+def _flatten_heads(ctx: BuildContext, node: fx.Node, lay: Layout, shape: tuple[int, ...],
+                   start: int, end: int) -> NodeLayout:
+    """Flatten of a tensor split into heads: back to plain units when heads and their
+    positions are merged in order (``[b, s, h, d] -> [b, s, h*d]``)."""
+    ndim = len(shape) - (end - start)
+    dims = [d for d in (lay.dim, lay.inner) if d is not None]
+    if all(d < start or d > end for d in dims):
+        order = list(range(start)) + [start] * (end - start + 1) + list(
+            range(start + 1, start + 1 + len(shape) - end - 1))
+        inner = None if lay.inner is None else order[lay.inner]
+        return Layout(order[lay.dim], ndim, lay.segments, lay.atom, inner)
+    if lay.dim == start and lay.inner == start + 1 and shape[lay.inner] == lay.atom:
+        block = math.prod(shape[start + 2 : end + 1])
+        return Layout(start, ndim, lay.segments).scaled(block)
+    return _unknown(ctx, node, "flatten that mixes attention heads with other dims")
+
+
 def _flatten(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     return flatten_layout(ctx, node, node.args[0], _arg(node, 1, "start_dim", 0),
                           _arg(node, 2, "end_dim", -1))
+
+
+def _view_sizes(node: fx.Node) -> tuple[Any, ...]:
+    """The sizes a ``view``/``reshape`` node asks for, as written (ints or nodes)."""
+    sizes = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("shape"),)
+    if len(sizes) == 1 and isinstance(sizes[0], tuple | list):
+        sizes = tuple(sizes[0])
+    return tuple(sizes)
+
+
+def _hard_coded(spec: Any) -> bool:
+    return isinstance(spec, int) and spec != -1
 
 
 def _view(ctx: BuildContext, node: fx.Node) -> NodeLayout:
@@ -159,11 +162,16 @@ def _view(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     if src == out:
         return lay
     d = lay.dim
-    sizes = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("shape"),)
-    if len(sizes) == 1 and isinstance(sizes[0], tuple | list):
-        sizes = tuple(sizes[0])
+    sizes = _view_sizes(node)
     spec = sizes[d] if d < len(sizes) else None
-    if isinstance(spec, int) and spec != -1:
+    if lay.heads:
+        return _view_heads(ctx, node, lay, src, out, spec)
+    split = _split_heads(ctx, node, lay, src, out, sizes)
+    if isinstance(split, Layout):
+        return split
+    if split is not None:
+        return _unknown(ctx, node, split, opaque=False)
+    if _hard_coded(spec):
         return _unknown(
             ctx, node,
             f"reshape with the hard-coded size {spec} (use x.flatten({d}) or "
@@ -176,6 +184,41 @@ def _view(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     return _unknown(ctx, node, "reshape that splits or mixes the units")
 
 
+def _split_heads(ctx: BuildContext, node: fx.Node, lay: Layout, src: tuple[int, ...],
+                 out: tuple[int, ...], sizes: tuple[Any, ...]) -> Layout | str | None:
+    """``x.view(b, s, -1, head_dim)``: the units split into heads of a written-out size, their
+    number following the units. None when the reshape is not such a split, the reason when
+    it is one that cannot follow a change of the units."""
+    d, seg = lay.dim, lay.single
+    if seg is None or seg.block != 1 or len(out) != len(src) + 1 or len(sizes) != len(out):
+        return None
+    if out[:d] != src[:d] or out[d + 2 :] != src[d + 1 :] or out[d] * out[d + 1] != src[d]:
+        return None
+    if not _hard_coded(sizes[d + 1]):
+        return None  # the head size would follow the units: heads of changing size
+    if _hard_coded(sizes[d]):
+        return (f"reshape into {sizes[d]} heads written out (write -1 for the number of "
+                "heads so it follows the units)")
+    assert seg.gid is not None
+    ctx.groups.atomize(seg.gid, out[d + 1], f"node '{node.name}'")
+    return Layout(d, len(out), lay.segments, out[d + 1], d + 1)
+
+
+def _view_heads(ctx: BuildContext, node: fx.Node, lay: Layout, src: tuple[int, ...],
+                out: tuple[int, ...], spec: Any) -> NodeLayout:
+    """A reshape of a tensor split into heads: only merging heads back is followed."""
+    d = lay.dim
+    if lay.inner == d + 1 and src[d + 1] == lay.atom and len(out) == len(src) - 1 \
+            and out[:d] == src[:d] and out[d] == src[d] * src[d + 1] \
+            and out[d + 1 :] == src[d + 2 :]:
+        if _hard_coded(spec):
+            return _unknown(ctx, node, f"merge of attention heads into the hard-coded size "
+                                       f"{spec} (write -1 so it follows the heads)",
+                            opaque=False)
+        return Layout(d, len(out), lay.segments)
+    return _unknown(ctx, node, "reshape that mixes attention heads with other dims")
+
+
 def _cat(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     tensors = list(_arg(node, 0, "tensors"))
     out_shape = ctx.shape_of(node)
@@ -186,6 +229,8 @@ def _cat(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     if all(lay is None for lay in layouts):
         return None
     ref = next(lay for lay in layouts if lay is not None)
+    if any(lay is not None and lay.heads and lay.dim == dim for lay in layouts):
+        return _unknown(ctx, node, "concatenation of attention heads", opaque=False)
     if ref.dim != dim:
         present = [lay for lay in layouts if lay is not None]
         merged = ctx.merge(present, f"node '{node.name}'") if len(present) > 1 else ref
@@ -251,12 +296,22 @@ def _reduce(ctx: BuildContext, node: fx.Node) -> NodeLayout:
             ctx.groups.reduce(gid, _REDUCE_KIND.get(name, "sum"),
                               f"'{name}' at node '{node.name}'")
         return (None, None) if tuple_out else None
-    if keep:
-        out = lay
-    else:
-        shift = sum(1 for d in dims if d < lay.dim)
-        out = lay.with_dim(lay.dim - shift, lay.ndim - len(dims))
+    out = _without_dims(lay, dims, keep)
     return (out, None) if tuple_out else out
+
+
+def _without_dims(lay: Layout, dims: list[int], keep: bool) -> Layout:
+    """``lay`` after reducing ``dims`` (not the units' dim); positions inside heads that are
+    reduced are gone (``inner`` None)."""
+    inner = None if lay.inner is None or lay.inner in dims else lay.inner
+    if keep:
+        return Layout(lay.dim, lay.ndim, lay.segments, lay.atom, inner)
+
+    def shift(x: int) -> int:
+        return x - sum(1 for d in dims if d < x)
+
+    return Layout(shift(lay.dim), lay.ndim - len(dims), lay.segments, lay.atom,
+                  None if inner is None else shift(inner))
 
 
 def _transpose(ctx: BuildContext, node: fx.Node) -> NodeLayout:
@@ -264,8 +319,9 @@ def _transpose(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     if lay is None:
         return None
     a, b = (_arg(node, 1, "dim0") % lay.ndim, _arg(node, 2, "dim1") % lay.ndim)
-    new = b if lay.dim == a else a if lay.dim == b else lay.dim
-    return lay.with_dim(new, lay.ndim)
+    order = list(range(lay.ndim))
+    order[a], order[b] = order[b], order[a]
+    return lay.moved(order)
 
 
 def _permute(ctx: BuildContext, node: fx.Node) -> NodeLayout:
@@ -274,7 +330,7 @@ def _permute(ctx: BuildContext, node: fx.Node) -> NodeLayout:
         return None
     dims = node.args[1:] if len(node.args) > 2 else node.args[1]
     order = [d % lay.ndim for d in (dims if isinstance(dims, tuple | list) else [dims])]
-    return lay.with_dim(order.index(lay.dim), lay.ndim)
+    return lay.moved(order)
 
 
 def _movedim(ctx: BuildContext, node: fx.Node) -> NodeLayout:
@@ -284,7 +340,7 @@ def _movedim(ctx: BuildContext, node: fx.Node) -> NodeLayout:
         return lay if lay is None else _unknown(ctx, node, "movedim of several dims")
     order = list(range(lay.ndim))
     order.insert(dst % lay.ndim, order.pop(src % lay.ndim))
-    return lay.with_dim(order.index(lay.dim), lay.ndim)
+    return lay.moved(order)
 
 
 def _getitem(ctx: BuildContext, node: fx.Node) -> NodeLayout:
@@ -294,19 +350,22 @@ def _getitem(ctx: BuildContext, node: fx.Node) -> NodeLayout:
         return value[index] if isinstance(index, int) else None
     if not isinstance(value, Layout):
         return None
-    idx = index if isinstance(index, tuple) else (index,)
-    if any(i is Ellipsis or i is None for i in idx) or len(idx) > value.ndim:
-        return _unknown(ctx, node, "indexing with '...' or None")
-    removed = 0
+    idx = list(index) if isinstance(index, tuple) else [index]
+    ellipses = [p for p, i in enumerate(idx) if i is Ellipsis]
+    if any(i is None for i in idx) or len(ellipses) > 1:
+        return _unknown(ctx, node, "indexing with None or several '...'")
+    if ellipses:
+        p = ellipses[0]
+        idx[p : p + 1] = [slice(None)] * (value.ndim - len(idx) + 1)
+    if len(idx) > value.ndim:
+        return _unknown(ctx, node, "indexing with more indices than dims")
     for pos, i in enumerate(idx):
+        if not isinstance(i, int | slice):
+            return _unknown(ctx, node, "advanced indexing")
         if pos == value.dim and i != slice(None):
             return _unknown(ctx, node, "indexing that selects some of the units")
-        if pos < value.dim and isinstance(i, int):
-            removed += 1
-        elif not (isinstance(i, (int, slice))):
-            return _unknown(ctx, node, "advanced indexing")
-    ndim = value.ndim - sum(1 for i in idx if isinstance(i, int))
-    return value.with_dim(value.dim - removed, ndim)
+    gone = [pos for pos, i in enumerate(idx) if isinstance(i, int)]
+    return _without_dims(value, gone, keep=False)
 
 
 def _split(ctx: BuildContext, node: fx.Node) -> NodeLayout:
@@ -384,6 +443,8 @@ _FUNCTION_RULES.update({
     operator.getitem: _getitem,
     torch.split: _split, torch.chunk: _split, torch.softmax: _softmax, F.softmax: _softmax,
     F.log_softmax: _softmax, F.layer_norm: _layer_norm,
+    torch.matmul: matmul_rule, operator.matmul: matmul_rule,
+    F.scaled_dot_product_attention: sdpa_rule,
 })
 _METHOD_RULES: dict[str, Rule] = {m: _unary for m in _UNARY_METHODS}
 _METHOD_RULES.update({m: _binary for m in _BINARY_METHODS})
@@ -391,8 +452,11 @@ _METHOD_RULES.update({m: _reduce for m in _REDUCE_METHODS})
 _METHOD_RULES.update({
     "flatten": _flatten, "view": _view, "reshape": _view, "transpose": _transpose,
     "permute": _permute, "movedim": _movedim, "split": _split, "chunk": _split, "softmax": _softmax,
-    "log_softmax": _softmax,
+    "log_softmax": _softmax, "matmul": matmul_rule,
 })
+# the rules that know tensors split into attention heads; any other op on them is refused
+_HEAD_RULES = {_unary, _binary, _view, _flatten, _transpose, _permute, _movedim, _getitem,
+               _cat, _split, _softmax, _reduce, matmul_rule, sdpa_rule}
 
 
 # functions of other libraries, by (module, name): NeuroExapt never imports them
@@ -412,6 +476,10 @@ def apply_rule(ctx: BuildContext, node: fx.Node) -> NodeLayout:
     if rule is None and node.op == "call_function":
         rule = _THIRD_PARTY.get((getattr(node.target, "__module__", None),
                                  getattr(node.target, "__name__", None)))
+    if rule is not None and rule not in _HEAD_RULES and any(
+            lay.heads for lay in ctx.layouts_in((node.args, node.kwargs))):
+        name = getattr(node.target, "__name__", str(node.target))
+        return _unknown(ctx, node, f"'{name}' on attention heads")
     if rule is not None:
         return rule(ctx, node)
     if not ctx.layouts_in((node.args, node.kwargs)):

@@ -301,6 +301,16 @@ def _call_module(
         unsupported[name] = reason
         ctx.freeze(ctx.layouts_in((node.args, node.kwargs)), reason, name)
         return None
+    # units split into attention heads reach only layers that keep them: others freeze them
+    # and see no units there
+    hidden: dict[fx.Node, NodeLayout] = {}
+    if not handler.keeps_heads:
+        for n in node.all_input_nodes:
+            lay = ctx.layout_of(n)
+            if lay is not None and lay.heads:
+                ctx.freeze([lay], f"attention heads reach '{name}' ({type(module).__name__})",
+                           name)
+                hidden[n] = ctx.layouts.pop(n)
     try:
         return handler.propagate(ctx, node, module, name)
     except (TraceError, UnsupportedModuleError):
@@ -310,6 +320,8 @@ def _call_module(
             f"handler {type(handler).__name__} failed on '{name}' ({type(module).__name__}): "
             f"{type(e).__name__}: {e}"
         ) from e
+    finally:
+        ctx.layouts.update(hidden)
 
 
 def _couple_shared_tensors(ctx: BuildContext, model: nn.Module) -> None:
@@ -363,7 +375,7 @@ def _expand(value: NodeLayout, refined: dict[int, list[tuple[int | None, int]]])
             segs.extend(_expand(Layout(value.dim, value.ndim, tuple(pieces)), refined).segments)
         else:
             segs.append(s)
-    return Layout(value.dim, value.ndim, tuple(segs))
+    return value.with_segments(tuple(segs))
 
 
 def _renumber(value: NodeLayout, mapping: dict[int, int]) -> NodeLayout:
@@ -374,5 +386,5 @@ def _renumber(value: NodeLayout, mapping: dict[int, int]) -> NodeLayout:
             Segment(mapping[s.gid] if s.gid is not None else None, s.units, s.block)
             for s in value.segments
         )
-        return Layout(value.dim, value.ndim, segs)
+        return value.with_segments(segs)
     return value

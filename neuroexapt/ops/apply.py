@@ -108,12 +108,32 @@ def _resolve(model: nn.Module, module: str, attr: str) -> tuple[nn.Module, str]:
     return (owner.get_submodule(head) if head else owner), last
 
 
+def _check_whole_atoms(group: Group, plan: UnitPlan) -> None:
+    """Refuse a plan that splits an attention head (``group.atom`` units move together)."""
+    a = group.atom
+    if a == 1:
+        return
+    whole = plan.new_size % a == 0
+    if whole:
+        index = plan.index.view(-1, a)
+        whole = bool((index[:, 0] % a == 0).all()) and bool(
+            (index - index[:, :1] == torch.arange(a)).all())
+        whole = whole and all(bool((t.view(-1, a) == t.view(-1, a)[:, :1]).all())
+                              for t in (plan.scale, plan.fresh))
+    if not whole:
+        raise SurgeryError(
+            f"the units of {group.producers} form attention heads of {a} units, and this "
+            "edit would split a head; keep, copy or remove whole heads"
+        )
+
+
 def apply_plan(model: nn.Module, group: Group, plan: UnitPlan) -> ParamMap:
     """Resize every member of ``group`` according to ``plan``; returns the parameter map.
 
     Tensors are replaced by new ones (never modified in place), so a caller holding the old
     module dictionaries can restore the model exactly.
     """
+    _check_whole_atoms(group, plan)
     pending: dict[int, _Pending] = {}
     originals: dict[int, torch.Tensor] = {}
     seen: dict[tuple[int, int, int], Member] = {}

@@ -29,7 +29,8 @@ from neuroexapt.optim import migrate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["narrow", "narrow_many", "unit_entries", "unit_norms", "widen"]
+__all__ = ["atom_norms", "atom_units", "narrow", "narrow_many", "unit_entries", "unit_norms",
+           "widen"]
 
 Strategy = Literal["split", "zero"]
 
@@ -84,20 +85,45 @@ def _check_units(group: Group, units: Sequence[int], what: str) -> list[int]:
     return out
 
 
+def atom_norms(model: nn.Module, group: Group) -> torch.Tensor:
+    """:func:`unit_norms` summed over each run of ``group.atom`` units (a head)."""
+    return unit_norms(model, group).view(-1, group.atom).sum(1)
+
+
+def atom_units(group: Group, atoms: Sequence[int]) -> list[int]:
+    """The units of the given atoms (heads), in order."""
+    return [a * group.atom + t for a in atoms for t in range(group.atom)]
+
+
 def _default_units(model: nn.Module, group: Group, by: int) -> list[int]:
-    """The ``by`` largest-norm units, equally many per segment; every unit once per round
-    when the units are normalised together (LayerNorm needs equal duplication)."""
+    """The ``by`` largest-norm units (whole heads when the units form heads), equally many
+    per segment; every unit once per round when the units are normalised together (LayerNorm
+    needs equal duplication)."""
     if group.normalizers and by % group.size == 0:
         return list(range(group.size)) * (by // group.size)
-    norms = unit_norms(model, group)
-    per = group.size // group.segments
+    norms = atom_norms(model, group)
+    per = group.size // group.segments // group.atom
     chosen: list[int] = []
     for s in range(group.segments):
         seg = norms[s * per : (s + 1) * per]
-        k = by // group.segments
+        k = by // group.segments // group.atom
         order = seg.argsort(descending=True, stable=True).tolist()
-        chosen += [s * per + order[i % per] for i in range(k)]
+        chosen += atom_units(group, [s * per + order[i % per] for i in range(k)])
     return chosen
+
+
+def _check_atoms(group: Group, units: list[int], what: str) -> None:
+    """Refuse units that split a head: each head's units all listed, equally often."""
+    if group.atom == 1:
+        return
+    counts = Counter(units)
+    for a in {u // group.atom for u in units}:
+        if len({counts.get(u, 0) for u in atom_units(group, [a])}) > 1:
+            raise SurgeryError(
+                f"{what}: the group's {group.size} units form attention heads of "
+                f"{group.atom} units; choose whole heads (units {a * group.atom}.."
+                f"{(a + 1) * group.atom - 1} for head {a}), or by= a multiple of {group.atom}"
+            )
 
 
 def _check_segments(group: Group, units: list[int], what: str) -> None:
@@ -160,10 +186,15 @@ def split_plan(group: Group, units: list[int], strategy: Strategy, noise: float)
     per = group.size // group.segments
     index: list[int] = []
     fresh: list[bool] = []
+    seen: Counter[int] = Counter()
+    occurrence = []  # the copies of a head stay whole: ordered by head, then copy
+    for u in units:
+        occurrence.append((u // group.atom, seen[u], u))
+        seen[u] += 1
     for s in range(group.segments):
         index += list(range(s * per, (s + 1) * per))
         fresh += [False] * per
-        extra = sorted(u for u in units if _segment_of(group, u) == s)
+        extra = [u for _, _, u in sorted(occurrence) if _segment_of(group, u) == s]
         index += extra
         fresh += [strategy == "zero"] * len(extra)
     counts = Counter(units)
@@ -228,11 +259,17 @@ def widen(
                 f"'{layer}' has units in {group.segments} equal segments; widen by a multiple "
                 f"of {group.segments}"
             )
+        if by % (group.segments * group.atom):
+            raise SurgeryError(
+                f"'{layer}' has units in attention heads of {group.atom}; widen by a multiple "
+                f"of {group.segments * group.atom} (whole heads)"
+            )
         chosen = _check_units(group, list(units), "units") if units is not None else \
             _default_units(model, group, by)
         if len(chosen) != by:
             raise ConfigError(f"units lists {len(chosen)} units but by={by}")
         _check_segments(group, chosen, f"widen '{layer}'")
+        _check_atoms(group, chosen, f"widen '{layer}'")
         _check_normalized(group, chosen, strategy, allow_approximate)
         plan = split_plan(group, chosen, strategy, float(noise))
         args = {"layer": name, "units": chosen, "strategy": strategy, "by": by,
@@ -295,6 +332,7 @@ def _check_kept(group: Group, kept: list[int], layer: str) -> list[int]:
         raise ConfigError(f"narrow of '{layer}' removes no unit")
     removed = [u for u in range(group.size) if u not in set(kept)]
     _check_segments(group, removed, f"narrow '{layer}'")
+    _check_atoms(group, removed, f"narrow '{layer}'")
     return kept
 
 
@@ -307,17 +345,23 @@ def _kept_units(
     if isinstance(remove, int) and not isinstance(remove, bool):
         if not 0 < remove < group.size:
             raise ConfigError(f"remove={remove} must be between 1 and {group.size - 1}")
+        if remove % group.atom:
+            raise SurgeryError(
+                f"the group's {group.size} units form attention heads of {group.atom} units: "
+                f"remove a multiple of {group.atom} (whole heads)"
+            )
+        remove //= group.atom  # counted in heads from here (atom 1: in units)
         per_seg = remove // group.segments if remove % group.segments == 0 else None
-        norms = unit_norms(model, group)
+        norms = atom_norms(model, group)
         if per_seg is None:
             drop = norms.argsort(stable=True)[:remove].tolist()
         else:
-            size = group.size // group.segments
+            size = group.size // group.segments // group.atom
             drop = []
             for s in range(group.segments):
                 order = norms[s * size : (s + 1) * size].argsort(stable=True)[:per_seg]
                 drop += (order + s * size).tolist()
-        return sorted(set(range(group.size)) - set(drop))
+        return sorted(set(range(group.size)) - set(atom_units(group, drop)))
     assert remove is not None
     gone = set(_check_units(group, list(remove), "remove"))
     return [u for u in range(group.size) if u not in gone]

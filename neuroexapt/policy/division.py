@@ -15,7 +15,7 @@ from neuroexapt.graph import Group, trace
 from neuroexapt.metrics.collector import LayerStats
 from neuroexapt.metrics.layer_metrics import unit_scores
 from neuroexapt.ops import EditRecord, unit_norms, widen
-from neuroexapt.ops.resize import split_plan
+from neuroexapt.ops.resize import atom_units, split_plan
 from neuroexapt.policy.config import DIVISION_STRATEGIES
 
 logger = logging.getLogger(__name__)
@@ -74,14 +74,16 @@ class AdaptiveNeuronDivision:
                count: int | None = None) -> list[int]:
         """The units to split: ``count`` (default ``fraction`` of the group), equally many per
         segment."""
-        per = group.size // group.segments
+        a = group.atom  # attention heads: whole heads are split
+        per = group.size // group.segments // a
         k = max(1, round(self.fraction * per)) if count is None else \
-            max(1, math.ceil(count / group.segments))
-        scores = self.scores(model, group, stats)
+            max(1, math.ceil(count / group.segments / a))
+        scores = self.scores(model, group, stats).reshape(-1, a).sum(1)
         chosen: list[int] = []
         for s in range(group.segments):
             seg = scores[s * per : (s + 1) * per]
-            chosen += (seg.argsort(descending=True, stable=True)[:k] + s * per).tolist()
+            chosen += atom_units(group, (seg.argsort(descending=True, stable=True)[:k]
+                                         + s * per).tolist())
         return sorted(chosen)
 
     def divide(self, model: nn.Module, layer: str, *, stats: LayerStats | None = None,

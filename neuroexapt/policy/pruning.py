@@ -66,7 +66,7 @@ from neuroexapt.graph.wrappers import accepts_wrapped
 from neuroexapt.metrics.cost import count_macs, measure_latency
 from neuroexapt.ops import EditRecord, narrow_many
 from neuroexapt.ops.edit import count_parameters
-from neuroexapt.ops.resize import unit_entries, unit_norms
+from neuroexapt.ops.resize import atom_units, unit_entries, unit_norms
 from neuroexapt.ops.transaction import transaction
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,8 @@ def prune_to(
         if round_to != "auto":
             _check_round_to(graph, step)
         # the groups kept at multiples of round_to: those large enough at the start
-        rounded = {g.producers[0] for g in graph.groups if _eligible(g) and g.size >= smallest}
+        rounded = {g.producers[0] for g in graph.groups
+                   if _eligible(g) and g.size >= smallest and g.atom == 1}
         latency0 = measure_latency(model, batch)[0] if by == "latency" else None
         base = {"parameters": params0, "macs": macs0, "latency": latency0}[by]
         assert base is not None
@@ -248,11 +249,16 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
         estimated = _estimated_total(model, by, positions)
     scores = (_information(model, groups, probe, loss_fn) if score == "information"
               else {g.id: unit_norms(model, g).sqrt() for g in groups})
-    # the estimate of what a unit saves is scaled so that the estimates add up to the total
+    # the estimate of what a unit saves is scaled so that the estimates add up to the total;
+    # units in attention heads are ranked, and removed, by whole heads
     scale = current / max(estimated, 1e-12)
-    ranked = sorted((float(scores[g.id][u]) / max(float(costs[g.id][u]), 1e-30), g.id, u)
-                    for g in groups for u in range(g.size))
-    caps = {g.id: min(g.size - 1, int(max_fraction * g.size)) for g in groups}
+    head_score = {g.id: _per_atom(scores[g.id], g.atom) for g in groups}
+    head_cost = {g.id: _per_atom(costs[g.id], g.atom) for g in groups}
+    ranked = sorted((float(head_score[g.id][a]) / max(float(head_cost[g.id][a]), 1e-30),
+                     g.id, a)
+                    for g in groups for a in range(g.size // g.atom))
+    caps = {g.id: min(g.size // g.atom - 1, int(max_fraction * g.size // g.atom))
+            for g in groups}
     chosen: dict[int, list[int]] = {g.id: [] for g in groups}
     by_id = {g.id: g for g in groups}
     saved = 0.0
@@ -261,12 +267,13 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
             break
         if len(chosen[gid]) < caps[gid]:
             chosen[gid].append(unit)
-            saved += float(costs[gid][unit]) * scale
+            saved += float(head_cost[gid][unit]) * scale
     if round_to is not None:
         order = {g.id: [u for _, gid, u in ranked if gid == g.id] for g in groups}
         chosen.update(_rounded({k: v for k, v in chosen.items()
-                                if rounded & set(by_id[k].producers)},
+                                if rounded & set(by_id[k].producers) and by_id[k].atom == 1},
                                {g.id: g.size for g in groups}, order, round_to))
+    chosen = {gid: atom_units(by_id[gid], atoms) for gid, atoms in chosen.items()}
     remove = {by_id[gid].producers[0]: units for gid, units in chosen.items() if units}
     if not remove:
         return [], 0
@@ -285,6 +292,11 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
                 continue
     done = {r.target for r in records}
     return records, sum(len(u) for layer, u in remove.items() if layer in done)
+
+
+def _per_atom(values: torch.Tensor, atom: int) -> torch.Tensor:
+    """Per-unit ``values`` summed over each run of ``atom`` units (an attention head)."""
+    return values.reshape(-1, atom).sum(1) if atom > 1 else values
 
 
 def _rounded(chosen: dict[int, list[int]], sizes: dict[int, int], order: dict[int, list[int]],
