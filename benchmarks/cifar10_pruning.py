@@ -158,7 +158,8 @@ def prune_neuroexapt(model: nn.Module, data: Batches, amount: float,
         torch.set_num_threads(args.latency_threads)
     try:
         neuroexapt.prune_to(model, batches, amount, by=by, score="information",
-                            steps=args.steps, batches=len(batches))
+                            steps=args.steps, batches=len(batches),
+                            allocation=args.allocation)
     finally:
         torch.set_num_threads(args.threads)
 
@@ -387,6 +388,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resnet-width", type=int, default=16, help="first width of ResNet-20")
     p.add_argument("--steps", type=int, default=5, help="rounds of neuroexapt.prune_to")
     p.add_argument("--score-batches", type=int, default=8)
+    p.add_argument("--allocation", default="global", choices=["global", "uniform"],
+                   help="prune_to's allocation of the cut among layers")
     p.add_argument("--latency-arm", action="store_true",
                    help="also prune by measured latency (neuroexapt-latency)")
     p.add_argument("--seed", type=int, default=0)

@@ -29,6 +29,11 @@ transaction with one trace of the model:
   normalisation, activations and pooling all run on 16 times more positions, costs more than
   one of an 8x8 layer. The target is the measured latency of the whole forward.
 
+``allocation="uniform"`` removes the same share of every group in each round (the share whose
+units save what the round needs), as a uniform pruning ratio does, and uses the score only to
+choose which units of each group go. The default ``"global"`` ranks all units together, which
+removes the most for the least score but can leave a layer much thinner than the others.
+
 ``round_to`` keeps every pruned group larger than ``round_to`` units at a multiple of it:
 vector units and GEMM kernels process channels in blocks of 8 or 16 (AVX2 / AVX-512 float32,
 tensor cores), and a layer of 61 channels runs no faster than one of 64. Such a group is
@@ -71,10 +76,11 @@ from neuroexapt.ops.transaction import transaction
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRUNE_COSTS", "PRUNE_SCORES", "PruneResult", "prune_to"]
+__all__ = ["PRUNE_ALLOCATIONS", "PRUNE_COSTS", "PRUNE_SCORES", "PruneResult", "prune_to"]
 
 PRUNE_SCORES: tuple[str, ...] = ("information", "norm")
 PRUNE_COSTS: tuple[str, ...] = ("parameters", "macs", "latency")
+PRUNE_ALLOCATIONS: tuple[str, ...] = ("global", "uniform")
 AUTO_ROUND_TO = 8  # round_to="auto": float32 channels per AVX-256 register, tensor-core tile
 # (applied to groups of at least 4 * 8 units)
 Batch = tuple[Any, torch.Tensor]
@@ -102,7 +108,7 @@ def prune_to(
     model: nn.Module, data: Iterable[Batch], amount: float, *, by: str = "parameters",
     score: str = "information", loss_fn: LossFn = F.cross_entropy, batches: int = 8,
     steps: int = 5, max_fraction: float = 0.5, round_to: int | str | None = "auto",
-    optimizer: torch.optim.Optimizer | None = None,
+    allocation: str = "global", optimizer: torch.optim.Optimizer | None = None,
 ) -> PruneResult:
     """Remove units until ``by`` (parameters, MACs of one sample, or the measured latency of
     the first batch) falls by ``amount``.
@@ -121,6 +127,10 @@ def prune_to(
         max_fraction: the largest share of a group removed in one round.
         round_to: keep pruned groups at multiples of this many units (``"auto"``: 8;
             None: any size; see the module docstring).
+        allocation: how many units each group loses: ``"global"`` ranks every unit of every
+            group by ``score / cost``; ``"uniform"`` removes the same share of every group
+            (the one that saves what the round needs) and uses the score only to choose which
+            units go inside each group (see the module docstring).
         optimizer: optimizer whose state follows every edit.
 
     Returns:
@@ -135,6 +145,9 @@ def prune_to(
     call, whatever rounds had been done.
     """
     _check(amount, by, score, batches, steps, max_fraction, round_to)
+    if allocation not in PRUNE_ALLOCATIONS:
+        raise ConfigError(f"unknown allocation {allocation!r}; valid: "
+                          f"{', '.join(PRUNE_ALLOCATIONS)}")
     step = AUTO_ROUND_TO if round_to == "auto" else round_to
     smallest = 4 * AUTO_ROUND_TO if round_to == "auto" else (step or 0) + 1
     probe = [b for _, b in zip(range(batches), data, strict=False)]
@@ -179,7 +192,8 @@ def prune_to(
             start = (rounds - 1) * share % len(probe)
             scored = (probe + probe)[start : start + share]
             done, units = _round(model, scored, example, batch, current - target, current, by,
-                                 score, loss_fn, max_fraction, step, rounded, optimizer)
+                                 score, loss_fn, max_fraction, step, rounded, allocation,
+                                 optimizer)
             if not done:
                 logger.warning("prune_to stopped at %.4g of the target %.4g %s: no unit left "
                                "that may be removed", current, goal, by)
@@ -235,7 +249,8 @@ def _check(amount: float, by: str, score: str, batches: int, steps: int,
 def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ...],
            batch: tuple[torch.Tensor, ...], need: float, current: float, by: str, score: str,
            loss_fn: LossFn, max_fraction: float, round_to: int | None, rounded: set[str],
-           optimizer: torch.optim.Optimizer | None) -> tuple[list[EditRecord], int]:
+           allocation: str, optimizer: torch.optim.Optimizer | None
+           ) -> tuple[list[EditRecord], int]:
     """One round: remove the cheapest-information units worth about ``need`` of ``by``."""
     graph = trace(model, example)
     groups = [g for g in graph.groups if _eligible(g)]
@@ -261,8 +276,20 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
             for g in groups}
     chosen: dict[int, list[int]] = {g.id: [] for g in groups}
     by_id = {g.id: g for g in groups}
+    if allocation == "uniform":
+        # one share for every group: the one whose units save about ``need`` in all
+        total = sum(float(head_cost[g.id].sum()) for g in groups) * scale
+        share = min(max_fraction, need / max(total, 1e-30))
+        for _, gid, unit in ranked:  # the cheapest information first inside each group
+            group = by_id[gid]
+            if len(chosen[gid]) < min(caps[gid], round(share * group.size / group.atom)):
+                chosen[gid].append(unit)
+        if not any(chosen.values()):  # every group rounds to nothing: the largest loses one
+            largest = max(groups, key=lambda g: (g.size // g.atom, -g.id))
+            if caps[largest.id]:
+                chosen[largest.id] = [next(u for _, gid, u in ranked if gid == largest.id)]
     saved = 0.0
-    for _, gid, unit in ranked:
+    for _, gid, unit in ranked if allocation == "global" else ():
         if saved >= need:
             break
         if len(chosen[gid]) < caps[gid]:

@@ -25,7 +25,7 @@ from neuroexapt.metrics.layer_metrics import unit_scores
 from neuroexapt.metrics.report import AnalysisReport
 from neuroexapt.ops import EditRecord, narrow, unit_norms
 from neuroexapt.ops.edit import count_parameters
-from neuroexapt.ops.transaction import model_outputs
+from neuroexapt.ops.transaction import model_outputs, transaction
 from neuroexapt.optim.discover import OptimizerWatch
 from neuroexapt.policy.connections import ConnectionGrowthManager
 from neuroexapt.policy.criteria import Criteria
@@ -277,23 +277,26 @@ class NeuroExapt:
         report = self._require_report()
         inputs = self._inputs()
         before = self._outputs()
-        records = []
-        for layer in report.order:
-            if not report.stats[layer].batches:
-                continue
-            values = self.layer_values(layer)
-            chosen = _selected(rule, values)
-            if not chosen:
-                continue
-            if len(chosen) == len(values["entropy"]):
-                rank = values["importance"]
-                keep = int(rank.argmax()) if isinstance(rank, torch.Tensor) else 0
-                chosen = [u for u in chosen if u != keep]
-            try:
-                records.append(narrow(model, layer, remove=chosen, example_inputs=inputs,
-                                      optimizer=optimizer))
-            except NeuroExaptError as e:
-                logger.info("prune '%s' skipped: %s", layer, e)
+        # all or nothing: an error in any layer (ours or the model's) restores the model,
+        # the optimizer and the history
+        with transaction(model, optimizer):
+            records = []
+            for layer in report.order:
+                if not report.stats[layer].batches:
+                    continue
+                values = self.layer_values(layer)
+                chosen = _selected(rule, values)
+                if not chosen:
+                    continue
+                if len(chosen) == len(values["entropy"]):
+                    rank = values["importance"]
+                    keep = int(rank.argmax()) if isinstance(rank, torch.Tensor) else 0
+                    chosen = [u for u in chosen if u != keep]
+                try:
+                    records.append(narrow(model, layer, remove=chosen, example_inputs=inputs,
+                                          optimizer=optimizer))
+                except NeuroExaptError as e:
+                    logger.info("prune '%s' skipped: %s", layer, e)
         if records:
             self._pending_kl += self._kl_since(before)
             self.measure(self._probe or [])
@@ -347,8 +350,10 @@ class NeuroExapt:
         if method in ("mutate", "split"):
             bypass = measure_bypass(model, self._probe or [], loss, layers=list(report.order))
             options = expander.options(model, inputs, bypass)
-        made = expander.expand(model, num_layers, example_inputs=inputs, optimizer=optimizer,
-                               method=method, options=options, report=report)
+        with transaction(model, optimizer):  # all or nothing, as prune_layers
+            made = expander.expand(model, num_layers, example_inputs=inputs,
+                                   optimizer=optimizer, method=method, options=options,
+                                   report=report)
         records = [m.record for m in made]
         for m in made:
             logger.info("expand_layers: %s at '%s': %s", m.kind, m.layer, "; ".join(m.reasons))

@@ -302,36 +302,42 @@ class Trainer:
         self._absorb()
         snapshot = Snapshot.take(self.model, self.optimizer)
         example = _head(val[0][0])
-        removed = 0
-        gone: list[str] = []  # blocks removed; deepest first, so a residual block inside a
-        for block in blocks:  # silent container is tried before the container
-            if any(block.startswith(b + ".") for b in gone):
-                continue
-            try:
-                remove_block(self.model, block, example_inputs=example, optimizer=self.optimizer)
-                gone.append(block)
-                removed += sum(info[n].numel() for n in info if n.startswith(block + "."))
-                logger.info("epoch %d: removed block '%s' (every gate inside passes < %.3f "
-                            "nats)", epoch, block, limit)
-            except NeuroExaptError as e:
-                logger.info("epoch %d: block '%s' kept: %s", epoch, block, e)
-        for layer, units in chosen.items():
-            if any(layer.startswith(b + ".") for b in gone):
-                continue
-            try:
-                narrow(self.model, layer, remove=units, example_inputs=example,
-                       optimizer=self.optimizer)
-                removed += len(units)
-                logger.info("epoch %d: pruned %d units of '%s' (gate information < %.3f nats)",
-                            epoch, len(units), layer, limit)
-            except NeuroExaptError as e:
-                logger.info("epoch %d: pruning '%s' skipped: %s", epoch, layer, e)
-        if self.expand:
-            try:
-                self.ne.measure(val)
-                self.ne.expand_layers(num_layers=1, optimizer=self.optimizer)
-            except NeuroExaptError as e:
-                logger.info("epoch %d: expansion skipped: %s", epoch, e)
+        try:  # all or nothing: any error, ours or the model's, restores the snapshot
+            removed = 0
+            gone: list[str] = []  # blocks removed; deepest first, so a residual block inside a
+            for block in blocks:  # silent container is tried before the container
+                if any(block.startswith(b + ".") for b in gone):
+                    continue
+                try:
+                    remove_block(self.model, block, example_inputs=example,
+                                 optimizer=self.optimizer)
+                    gone.append(block)
+                    removed += sum(info[n].numel() for n in info if n.startswith(block + "."))
+                    logger.info("epoch %d: removed block '%s' (every gate inside passes < %.3f "
+                                "nats)", epoch, block, limit)
+                except NeuroExaptError as e:
+                    logger.info("epoch %d: block '%s' kept: %s", epoch, block, e)
+            for layer, units in chosen.items():
+                if any(layer.startswith(b + ".") for b in gone):
+                    continue
+                try:
+                    narrow(self.model, layer, remove=units, example_inputs=example,
+                           optimizer=self.optimizer)
+                    removed += len(units)
+                    logger.info("epoch %d: pruned %d units of '%s' (gate information < %.3f "
+                                "nats)", epoch, len(units), layer, limit)
+                except NeuroExaptError as e:
+                    logger.info("epoch %d: pruning '%s' skipped: %s", epoch, layer, e)
+            if self.expand:
+                try:
+                    self.ne.measure(val)
+                    self.ne.expand_layers(num_layers=1, optimizer=self.optimizer)
+                except NeuroExaptError as e:
+                    logger.info("epoch %d: expansion skipped: %s", epoch, e)
+        except BaseException:
+            snapshot.restore(self.model, self.optimizer)
+            self._gate(example)
+            raise
         self._gate(example)
         return (snapshot, metric), removed
 

@@ -282,3 +282,23 @@ def test_a_failure_in_a_later_round_leaves_everything_as_before(
     assert_model_unchanged(model, snap)
     assert_optimizer_unchanged(optimizer, opt_snap)
     assert neuroexapt.get_history(model) == history
+
+
+@pytest.mark.parametrize("by", ["parameters", "macs"])
+def test_uniform_allocation_cuts_every_layer_by_the_same_share(by: str) -> None:
+    torch.manual_seed(0)
+    model = _cnn(32)
+    data = _batches()
+    x = data[0][0]
+    before = count = neuroexapt.count_macs(model, x[:1])
+    with torch.no_grad():  # a global ranking would empty the first layer: its units are weak
+        model[0].weight.mul_(1e-3)
+    result = neuroexapt.prune_to(model, data, 0.5, by=by, score="norm", round_to=None,
+                                 allocation="uniform")
+    count = neuroexapt.count_macs(model, x[:1])
+    assert result.macs_after == count < before
+    kept = [model[0].out_channels / 32, model[4].out_channels / 64]
+    assert abs(kept[0] - kept[1]) <= 0.1, kept
+    assert model(x).shape == (16, 10)
+    with pytest.raises(ConfigError, match="allocation"):
+        neuroexapt.prune_to(model, data, 0.3, allocation="layerwise")

@@ -134,3 +134,30 @@ def test_bad_criteria_point_at_the_position(digits: tuple) -> None:
     ne.measure(probe)
     with pytest.raises(ConfigError, match="unknown metric 'entropi'"):
         ne.prune_layers("entropi<0.2")
+
+
+def test_a_raw_error_in_a_later_layer_restores_every_layer(
+        digits: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuroexapt.train.facade as facade
+
+    ne, model, opt, probe = trained(digits)
+    ne.measure(probe)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    real, calls = facade.narrow, []
+
+    def second_fails(*args: object, **kwargs: object) -> object:
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise RuntimeError("the model failed")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(facade, "narrow", second_fails)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        ne.prune_layers("entropy >= 0", optimizer=opt)  # selects units in every layer
+    assert len(calls) == 2, "the first layer was never pruned: the test tests nothing"
+    assert {k: v.shape for k, v in model.state_dict().items()} == \
+        {k: v.shape for k, v in state.items()}
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert neuroexapt.get_history(model) == []
+    assert [id(p) for g in opt.param_groups for p in g["params"]] == opt_ids

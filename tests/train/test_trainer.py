@@ -116,3 +116,32 @@ def test_fit_defers_the_closing_analysis_until_a_report_is_needed(
     assert set(report.order) <= {n for n, _ in model.named_modules()}
     assert trainer.ne.report is report and calls == [1]  # once
     assert trainer.ne.prune_layers("entropy<0.0") == [] and calls == [1]
+
+
+def test_an_error_in_the_middle_of_a_structural_step_restores_everything(
+        data: dict[str, list], monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuroexapt.train.trainer as trainer_module
+
+    real = trainer_module.narrow
+    seen: dict[str, object] = {}
+
+    def narrow_then_fail(model: nn.Module, *args: object, **kwargs: object) -> object:
+        seen["shapes"] = {n: p.shape for n, p in model.named_parameters()}
+        seen["history"] = len(neuroexapt.get_history(model))
+        real(model, *args, **kwargs)  # type: ignore[arg-type]
+        raise RuntimeError("a raw error after a real edit")
+
+    monkeypatch.setattr(trainer_module, "narrow", narrow_then_fail)
+    torch.manual_seed(0)
+    ne = neuroexapt.NeuroExapt(task_type="classification", depth=4, entropy_weight=0.5)
+    model = ne.wrap_model(DigitsCNN(width=16))
+    trainer = neuroexapt.Trainer(model=model, info_weight=0.1, entropy_threshold=0.3, lr=3e-3,
+                                 progress=False)
+    with pytest.raises(RuntimeError, match="raw error"):
+        trainer.fit(data["train"], data["val"], epochs=10)
+    assert "shapes" in seen, "the step never pruned: the test tests nothing"
+    assert {n: p.shape for n, p in model.named_parameters()} == seen["shapes"]
+    assert len(neuroexapt.get_history(model)) == seen["history"]
+    params = {id(p) for p in model.parameters()}
+    assert params <= {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    model(data["test"][0][:4])  # the model runs, with the gates of the restored model
