@@ -131,6 +131,11 @@ class NeuroExapt:
                               f"fn(layer_output, target_output) -> score, got {fn!r}")
         self._importance = fn
 
+    @property
+    def importance_metric(self) -> Callable[[torch.Tensor, torch.Tensor], float] | None:
+        """The metric set by :meth:`set_importance_metric`, or None."""
+        return self._importance
+
     def monitor(self, metrics: Sequence[str] = MONITOR_METRICS,
                 log_dir: str | None = None) -> dict[str, list[float]]:
         """Record ``metrics`` at every :meth:`measure`; returns the (live) history.
@@ -279,12 +284,16 @@ class NeuroExapt:
         before = self._outputs()
         # all or nothing: an error in any layer (ours or the model's) restores the model,
         # the optimizer and the history
+        ranges: dict[str, list[float]] = {}  # what the criteria's metrics measured, for the log
         with transaction(model, optimizer):
             records = []
             for layer in report.order:
                 if not report.stats[layer].batches:
                     continue
                 values = self.layer_values(layer)
+                for name in rule.names & values.keys():
+                    v = torch.as_tensor(values[name], dtype=torch.float64).flatten()
+                    ranges.setdefault(name, []).extend([float(v.min()), float(v.max())])
                 chosen = _selected(rule, values)
                 if not chosen:
                     continue
@@ -297,6 +306,12 @@ class NeuroExapt:
                                           optimizer=optimizer))
                 except NeuroExaptError as e:
                     logger.info("prune '%s' skipped: %s", layer, e)
+        if not records:
+            measured = "; ".join(f"{k} from {min(v):.3g} to {max(v):.3g}"
+                                 for k, v in sorted(ranges.items()))
+            logger.warning("prune_layers(%r) removed nothing: no unit of a resizable layer "
+                           "matched (measured %s); loosen the criteria", criteria,
+                           measured or "nothing")
         if records:
             self._pending_kl += self._kl_since(before)
             self.measure(self._probe or [])

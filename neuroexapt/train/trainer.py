@@ -194,7 +194,7 @@ class Trainer:
                 best = metric
                 self._checkpoint()
             fresh = False
-            if self.ne.history or self.ne._importance is not None:
+            if self.ne.history or self.ne.importance_metric is not None:
                 self.ne.measure(val)  # monitor values and the importance of this epoch
                 fresh = True
             pruned = 0
@@ -345,7 +345,7 @@ class Trainer:
         """Per gate: the threshold factor ``2 (1 - q)`` and the per-unit scores of the custom
         importance metric (both empty without one; see the module docstring)."""
         report = self.ne.report
-        if self.ne._importance is None or report is None:
+        if self.ne.importance_metric is None or report is None:
             return {}, {}
         scores: dict[str, float] = {}
         units: dict[str, torch.Tensor] = {}

@@ -161,3 +161,14 @@ def test_a_raw_error_in_a_later_layer_restores_every_layer(
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert neuroexapt.get_history(model) == []
     assert [id(p) for g in opt.param_groups for p in g["params"]] == opt_ids
+
+
+def test_criteria_that_select_nothing_say_what_was_measured(
+        digits: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    ne, model, _, probe = trained(digits)
+    ne.measure(probe)
+    before = ne.parameters_count()
+    with caplog.at_level("WARNING", logger="neuroexapt.train.facade"):
+        assert ne.prune_layers("entropy<-1") == []
+    assert ne.parameters_count() == before
+    assert "removed nothing" in caplog.text and "entropy from" in caplog.text
