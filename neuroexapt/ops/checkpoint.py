@@ -104,6 +104,7 @@ def save(model: nn.Module, path: str | os.PathLike[str],
 def replay(model: nn.Module, history: list[EditRecord]) -> None:
     """Apply the edits of ``history`` to a fresh ``model`` (weights are loaded afterwards)."""
     from neuroexapt.ops import add_skip, deepen, narrow, remove_block, widen
+    from neuroexapt.relax.specs import build_module, replace_module
 
     device = next(iter(model.parameters()), torch.empty(0)).device
     for i, r in enumerate(history):
@@ -120,6 +121,8 @@ def replay(model: nn.Module, history: list[EditRecord]) -> None:
                 add_skip(model, a["src"], a["dst"], example_inputs=x)
             elif r.op == "remove_block":
                 remove_block(model, a["block"], example_inputs=x)
+            elif r.op == "choose":  # an operation or depth choice discretised (relax)
+                replace_module(model, a["layer"], build_module(a["module"]).to(device))
             else:
                 raise CheckpointError(f"unknown edit '{r.op}' in history")
         except (NeuroExaptError, KeyError) as e:

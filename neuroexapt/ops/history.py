@@ -104,6 +104,11 @@ def set_history(model: nn.Module, history: list[EditRecord]) -> None:
     invalidate(model)
 
 
+def remember_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """Keep the shapes of ``inputs`` as the model's example inputs for later edits."""
+    object.__setattr__(model, _INPUTS_ATTR, spec_of(inputs))
+
+
 def spec_of(inputs: tuple[Any, ...]) -> InputSpec:
     """Shapes and dtypes of example inputs."""
     spec = []

@@ -259,8 +259,8 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
     if by == "latency":
         costs, estimated = _latency_costs(model, graph, groups, batch)
     else:
-        positions = _positions(model, example)
-        costs = {g.id: _unit_cost(model, g, by, positions) for g in groups}
+        positions = weight_positions(model, example)
+        costs = {g.id: unit_cost(model, g, by, positions) for g in groups}
         estimated = _estimated_total(model, by, positions)
     scores = (_information(model, groups, probe, loss_fn) if score == "information"
               else {g.id: unit_norms(model, g).sqrt() for g in groups})
@@ -396,7 +396,7 @@ def _tensor(model: nn.Module, member: Member) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _positions(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, float]:
+def weight_positions(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, float]:
     """Per sample, how many times each Conv/Linear weight is applied (output positions)."""
     found: dict[str, float] = {}
     handles = []
@@ -422,7 +422,7 @@ def _positions(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str,
     return found
 
 
-def _unit_cost(model: nn.Module, group: Group, by: str,
+def unit_cost(model: nn.Module, group: Group, by: str,
                positions: dict[str, float]) -> torch.Tensor:
     """What removing each unit saves: parameter entries, or MACs per sample."""
     cost = torch.zeros(group.size, dtype=torch.float64)
@@ -439,7 +439,7 @@ def _unit_cost(model: nn.Module, group: Group, by: str,
 
 
 def _estimated_total(model: nn.Module, by: str, positions: dict[str, float]) -> float:
-    """The total that :func:`_unit_cost` estimates from (to scale it to the measured one)."""
+    """The total that :func:`unit_cost` estimates from (to scale it to the measured one)."""
     if by == "parameters":
         return float(count_parameters(model))
     return sum(model.get_submodule(n).weight.numel() * p for n, p in positions.items())

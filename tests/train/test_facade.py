@@ -165,7 +165,7 @@ def test_a_raw_error_in_a_later_layer_restores_every_layer(
 
 def test_criteria_that_select_nothing_say_what_was_measured(
         digits: tuple, caplog: pytest.LogCaptureFixture) -> None:
-    ne, model, _, probe = trained(digits)
+    ne, _, _, probe = trained(digits)
     ne.measure(probe)
     before = ne.parameters_count()
     with caplog.at_level("WARNING", logger="neuroexapt.train.facade"):

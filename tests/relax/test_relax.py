@@ -1,0 +1,214 @@
+"""neuroexapt.relax: choices by continuous relaxation, searched, then discretised (issue 13)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.asserts import assert_same_function
+from torch import nn
+
+import neuroexapt
+from neuroexapt.errors import ConfigError
+from neuroexapt.relax import (
+    DepthChoice,
+    OpChoice,
+    WidthChoice,
+    arch_parameters,
+    choices,
+    discretize,
+    expected_cost,
+    kernel_candidates,
+    plot_choices,
+    relax,
+    search,
+    weight_parameters,
+)
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.conv(x))
+
+
+def _cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                         nn.ReLU(), Residual(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 5))
+
+
+def _batches(n: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 5, (8,), generator=gen))
+            for _ in range(n)]
+
+
+SPEC = {"2": "candidates", "0": "width", "4": "depth"}
+
+
+def _relaxed(mode: str = "gumbel") -> tuple[nn.Module, torch.Tensor]:
+    model, x = _cnn(), _batches()[0][0]
+    spec = {"2": kernel_candidates(model[2], (3, 5)), "0": {"widths": [8, 16]}, "4": "depth"}
+    return relax(model, spec, example_inputs=x, mode=mode), x
+
+
+def test_relax_keeps_the_function_and_builds_each_kind_of_choice() -> None:
+    model, x = _cnn(), _batches()[0][0]
+    before = model.eval()(x)
+    _relaxed()
+    relaxed, _ = _relaxed()
+    found = choices(relaxed)
+    assert isinstance(found["2"], OpChoice) and isinstance(found["4"], DepthChoice)
+    assert isinstance(found["0"], WidthChoice) and found["0"].widths == [8, 16]
+    # the candidates start from the layer: the 5x5 kernel is the 3x3 one zero-padded, and in
+    # evaluation mode (most probable options: the first candidate, the block, all units)
+    # the model computes what it did
+    assert_same_function(before, relaxed.eval()(x), x)
+    five = found["2"].candidates[1].weight.detach()  # type: ignore[union-attr]
+    assert torch.equal(five[..., 1:4, 1:4], found["2"].candidates[0].weight.detach())  # type: ignore[union-attr]
+    assert five[..., 0, :].abs().sum() == 0
+    assert len(list(arch_parameters(relaxed))) == 3
+    assert {id(p) for p in arch_parameters(relaxed)}.isdisjoint(
+        {id(p) for p in weight_parameters(relaxed)})
+
+
+@pytest.mark.parametrize("mode", ["softmax", "gumbel", "hard"])
+def test_gradients_reach_every_architecture_parameter(mode: str) -> None:
+    model, _ = _relaxed(mode)
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():  # the candidates start equal: with equal outputs no option is better
+        choices(model)["2"].candidates[1].bias.add_(0.1)  # type: ignore[union-attr]
+    reached: set[str] = set()
+    for x, y in _batches(6):  # a hard sample may skip an option: a few draws
+        F.cross_entropy(model(x), y).backward()
+        reached |= {n for n, c in choices(model).items()
+                    if c.alpha.grad is not None and c.alpha.grad.abs().sum() > 0}
+    assert reached == {"0", "2", "4"}
+
+
+def _conv_task(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    teacher = nn.Conv2d(1, 1, 5, padding=2, bias=False)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.randn(1, 1, 5, 5, generator=gen))
+        x = torch.randn(256, 1, 12, 12, generator=gen)
+        y = teacher(x)
+    return [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_search_picks_the_kernel_that_made_the_target(seed: int) -> None:
+    torch.manual_seed(seed)
+    data = _conv_task(seed)
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, bias=False))
+    relax(model, {"0": kernel_candidates(model[0], (3, 5))}, example_inputs=data[0][0][:2])
+    result = search(model, data, 15, loss_fn=F.mse_loss, lr=0.05, arch_lr=0.05)
+    assert result.chosen == {"0": 1}
+    assert result.rows[-1]["p/0/1"] > 0.7
+
+
+def _wide_task(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 8, generator=gen)
+    y = torch.relu(x @ torch.randn(8, 64, generator=gen)) @ torch.randn(64, 1, generator=gen)
+    return [(x[i : i + 32], y[i : i + 32] / 8) for i in range(0, 512, 32)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_task_that_needs_width_keeps_it_and_a_budget_takes_it_away(seed: int) -> None:
+    data = _wide_task(seed)
+    picked = {}
+    for penalty in (0.0, 2.0):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
+        relax(model, {"0": {"widths": [4, 64]}}, example_inputs=data[0][0][:2])
+        picked[penalty] = search(model, data, 20, loss_fn=F.mse_loss, lr=0.05, arch_lr=0.05,
+                                 penalty=penalty).chosen["0"]
+        assert float(expected_cost(model).detach()) > 0
+    assert picked == {0.0: 1, 2.0: 0}
+
+
+@pytest.mark.parametrize("chosen", [(0, 0, 0), (1, 1, 1), (1, 0, 1), (0, 1, 0)])
+def test_discretize_equals_the_relaxed_model_with_hard_choices(chosen: tuple[int, ...],
+                                                               tmp_path: Path) -> None:
+    model, x = _relaxed()
+    found = choices(model)
+    with torch.no_grad():
+        for name, k in zip(("2", "0", "4"), chosen, strict=True):
+            found[name].alpha.zero_()
+            found[name].alpha[k] = 3.0
+    opt = torch.optim.SGD(weight_parameters(model), lr=0.1, momentum=0.9)
+    for xb, yb in _batches(2):  # some optimizer state to migrate
+        model.train()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+    hard = model.eval()(x)
+    discretize(model, optimizer=opt)
+    assert_same_function(hard, model(x), x)
+    assert not choices(model) and not any(
+        isinstance(m, OpChoice | DepthChoice | WidthChoice) for m in model.modules())
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert not model._forward_pre_hooks
+    assert model[0].out_channels == (16 if chosen[1] else 8)
+    assert model[2].kernel_size == ((5, 5) if chosen[0] else (3, 3))
+    assert isinstance(model[4], Residual if chosen[2] else nn.Identity)
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in model.parameters()}  # nothing stale
+    model.train()
+    F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    opt.step()
+    # the checkpoint rebuilds the chosen layers on a fresh model
+    neuroexapt.save(model, tmp_path / "m.pt")
+    loaded, _ = neuroexapt.load(tmp_path / "m.pt", _cnn)
+    assert_same_function(model.eval()(x), loaded.eval()(x), x)
+
+
+def test_search_logs_every_option_and_plots(tmp_path: Path) -> None:
+    model, _ = _relaxed()
+    result = search(model, _batches(4), 2, log_dir=tmp_path, penalty=0.1, cost="macs")
+    assert len(result.rows) == 2 and result.seconds > 0
+    assert {"p/2/0", "p/2/1", "p/0/0", "p/0/1", "p/4/0", "p/4/1"} <= result.rows[0].keys()
+    assert (tmp_path / "history.jsonl").read_text().count("\n") == 2
+    assert plot_choices(result, tmp_path / "choices.png").stat().st_size > 0
+
+
+def test_bad_specs_are_config_errors_and_change_nothing() -> None:
+    model, x = _cnn(), _batches()[0][0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [
+        ({"9": "width"}, "9"),
+        ({"2": []}, "empty"),
+        ({"2": [nn.Conv2d(16, 8, 3, padding=1)]}, "outputs"),
+        ({"2": [nn.Conv2d(16, 16, 3)]}, "outputs"),
+        ({"2": [nn.Linear(16, 16)]}, "fails on the layer's input"),
+        ({"2": "widest"}, "candidate modules, 'width' or 'depth'"),
+        ({"2": ["conv"]}, "not an nn.Module"),
+        ({"0": {"widths": [0, 16]}}, "widths"),
+        ({"7": "width"}, "not possible"),  # the output layer
+        ({"0": "depth"}, "input's shape"),
+        ({}, "non-empty"),
+    ]
+    for spec, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            relax(model, spec, example_inputs=x)
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+        assert not choices(model) and not model._forward_pre_hooks
+    with pytest.raises(ConfigError, match="no relaxed choice"):
+        discretize(model, example_inputs=x)
+    with pytest.raises(ConfigError, match="mode"):
+        relax(model, {"0": "width"}, example_inputs=x, mode="annealed")
+
+
+def test_a_width_read_through_layernorm_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Linear(16, 2))
+    with pytest.raises(ConfigError, match=r"not possible.*combine"):
+        relax(model, {"0": "width"}, example_inputs=torch.randn(2, 4))
