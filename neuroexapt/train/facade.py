@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -334,6 +334,36 @@ class NeuroExapt:
             self._pending_kl += self._kl_since(before)
             self.measure(batches)
         return result
+
+    def relax(self, spec: Mapping[str, Any], *, example_inputs: Any = None,
+              mode: str = "gumbel", tau: float = 1.0) -> nn.Module:
+        """Turn layers of the wrapped model into choices: continuous relaxation of discrete
+        architectural choices (see :func:`neuroexapt.relax.relax`). Search them with
+        :meth:`search` or ``Trainer(..., search_epochs=...)``, then :meth:`discretize`."""
+        from neuroexapt.relax import relax
+
+        model = self._require_model()
+        if example_inputs is None and self._probe:
+            example_inputs = self._inputs()
+        return relax(model, spec, example_inputs=example_inputs, mode=mode, tau=tau)
+
+    def search(self, data: Iterable[Batch], epochs: int, **options: Any) -> Any:
+        """Train the weights and the choices of the relaxed model in turn
+        (:func:`neuroexapt.relax.search`; the loss follows ``task_type``)."""
+        from neuroexapt.relax import search
+
+        options.setdefault("loss_fn", F.cross_entropy if self.task_type == "classification"
+                           else F.mse_loss)
+        return search(self._require_model(), data, epochs, **options)
+
+    def discretize(self, *, optimizer: torch.optim.Optimizer | None = None,
+                   example_inputs: Any = None) -> nn.Module:
+        """The plain model with every choice at its most probable option
+        (:func:`neuroexapt.relax.discretize`); the optimizer follows."""
+        from neuroexapt.relax import discretize
+
+        return discretize(self._require_model(), optimizer=self._optimizer_for(
+            optimizer, "discretize"), example_inputs=example_inputs)
 
     def expand_layers(self, method: str = "mutate", num_layers: int = 2, *,
                       data: Iterable[Batch] | None = None,

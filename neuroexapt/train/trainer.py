@@ -89,6 +89,14 @@ class Trainer:
         recalibrate_batches: training batches over which BatchNorm statistics are measured
             again with noise-free gates after every epoch (0: never).
         progress: show a tqdm progress bar when tqdm is installed.
+        search_epochs: epochs of architecture search before ``epochs`` of training, for a
+            model with relaxed choices (``ne.relax(...)``): the choices are searched
+            (:func:`neuroexapt.relax.search` on the training batches, the Trainer's optimizer
+            training the weights), the model is discretised, and training goes on with the
+            chosen architecture. The search's history is in ``trainer.search_result``.
+        search: options of the search (``arch_lr``, ``tau``, ``penalty``, ``cost``,
+            ``log_dir``); ``log_dir`` defaults to ``<checkpoint_dir>/search``, where
+            ``history.jsonl``, TensorBoard scalars and ``choices.png`` are written.
     """
 
     def __init__(
@@ -99,7 +107,8 @@ class Trainer:
         loss_fn: Callable[..., torch.Tensor] | None = None, evolve_every: int = 1,
         expand: bool = False, max_prune_fraction: float = 0.25,
         rollback_threshold: float = 0.05, checkpoint_dir: str | None = None,
-        progress: bool = True, recalibrate_batches: int = 4,
+        progress: bool = True, recalibrate_batches: int = 4, search_epochs: int = 0,
+        search: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -117,13 +126,16 @@ class Trainer:
                               f"{recalibrate_batches!r}")
         if not 0 < max_prune_fraction <= 1:
             raise ConfigError(f"max_prune_fraction must be in (0, 1], got {max_prune_fraction}")
+        self.search_epochs, self.search_options = _check_search(model, search_epochs, search,
+                                                                checkpoint_dir)
+        self.search_result: Any = None
         self.model = model
         self.ne = facade_of(model) or (NeuroExapt().wrap_model(model) and facade_of(model))
         assert self.ne is not None
         self.info_weight, self.entropy_threshold, self.lr = info_weight, entropy_threshold, lr
         self.device = torch.device(device) if device is not None else next(
             iter(model.parameters()), torch.empty(0)).device
-        self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+        self.optimizer = optimizer or torch.optim.Adam(_weights(model), lr=lr)
         self.ne.optimizer = self.optimizer  # edits through the facade migrate it
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         classification = self.ne.task_type == "classification"
@@ -179,6 +191,8 @@ class Trainer:
         val = [(_to(x, self.device), y.to(self.device)) for x, y in val_loader]
         if not val:
             raise AnalysisError("val_loader yielded no batch; pass a loader with data")
+        if self.search_epochs:
+            self._search(train_loader, _head(val[0][0]))
         self._gate(_head(val[0][0]))
         self.label_entropy = (label_entropy(torch.cat([y for _, y in val]).cpu())
                               if self.ne.task_type == "classification" else None)
@@ -208,6 +222,24 @@ class Trainer:
         if not fresh:  # ne.prune_layers() and friends measure the trained model when called
             self.ne.measure_later(val)
         return self.history
+
+    def _search(self, loader: Iterable[Batch], example: Any) -> None:
+        """The architecture search phase, then the discretised model (see ``search_epochs``)."""
+        from neuroexapt.relax import discretize, plot_choices, search
+
+        options = dict(self.search_options)
+        log_dir = options.get("log_dir")
+        self.search_result = search(self.model, _OnDevice(loader, self.device),
+                                    self.search_epochs, optimizer=self.optimizer,
+                                    loss_fn=self.loss_fn, **options)
+        if log_dir is not None:
+            try:
+                plot_choices(self.search_result, Path(log_dir) / "choices.png")
+            except ConfigError as e:  # matplotlib missing: the JSON history is written
+                logger.info("search plot skipped: %s", e)
+        discretize(self.model, optimizer=self.optimizer, example_inputs=example)
+        logger.info("search: %d epochs in %.0f s, chosen %s", self.search_epochs,
+                    self.search_result.seconds, self.search_result.chosen)
 
     def _train_epoch(self, loader: Iterable[Batch]) -> float:
         assert self.ib is not None and self._gate_opt is not None
@@ -466,6 +498,49 @@ def _silent_blocks(info: dict[str, torch.Tensor], limit: float) -> list[str]:
     return sorted((b for b, layers in members.items()
                    if all(float(info[n].max()) < limit for n in layers)),
                   key=lambda b: -b.count("."))
+
+
+class _OnDevice:
+    """A loader whose batches are moved to ``device`` (re-iterable, like the loader)."""
+
+    def __init__(self, loader: Iterable[Batch], device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __iter__(self) -> Any:
+        for x, y in self.loader:
+            yield _to(x, self.device), y.to(self.device)
+
+
+def _weights(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters but the relaxed choices' architecture parameters."""
+    from neuroexapt.relax import weight_parameters
+
+    return list(weight_parameters(model))
+
+
+def _check_search(model: nn.Module, epochs: int, options: dict[str, Any] | None,
+                  checkpoint_dir: str | None) -> tuple[int, dict[str, Any]]:
+    """``search_epochs`` and the search options, checked against the model's choices."""
+    from neuroexapt.relax import choices
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ConfigError(f"search_epochs must be an int >= 0, got {epochs!r}")
+    relaxed = bool(choices(model)) if isinstance(model, nn.Module) else False
+    if epochs and not relaxed:
+        raise ConfigError("search_epochs needs a model with relaxed choices: call "
+                          "ne.relax({layer: candidates | 'width' | 'depth'}) first")
+    if relaxed and not epochs:
+        raise ConfigError("the model has relaxed choices: pass search_epochs= to search them "
+                          "(or call neuroexapt.relax.discretize(model) first)")
+    options = dict(options or {})
+    allowed = {"arch_lr", "tau", "penalty", "cost", "log_dir", "tensorboard"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown search option(s) {', '.join(map(repr, unknown))}; valid: "
+                          f"{', '.join(sorted(allowed))}")
+    if epochs and "log_dir" not in options and checkpoint_dir is not None:
+        options["log_dir"] = str(Path(checkpoint_dir) / "search")
+    return epochs, options
 
 
 def _args(x: Any) -> tuple[Any, ...]:

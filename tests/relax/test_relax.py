@@ -212,3 +212,50 @@ def test_a_width_read_through_layernorm_is_refused() -> None:
     model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Linear(16, 2))
     with pytest.raises(ConfigError, match=r"not possible.*combine"):
         relax(model, {"0": "width"}, example_inputs=torch.randn(2, 4))
+
+
+def test_the_trainer_searches_discretises_and_trains_on(tmp_path: Path) -> None:
+    from neuroexapt.train.digits import DigitsCNN, accuracy, load_digits
+
+    x_tr, y_tr, x_te, y_te = load_digits(0)
+    train = [(x_tr[i : i + 64], y_tr[i : i + 64]) for i in range(0, len(y_tr), 64)]
+    val = [(x_te[i : i + 128], y_te[i : i + 128]) for i in range(0, len(y_te), 128)]
+    torch.manual_seed(0)
+    ne = neuroexapt.NeuroExapt(task_type="classification")
+    model = ne.wrap_model(DigitsCNN(width=16))
+    ne.relax({"features.3": kernel_candidates(model.features[3], (3, 5)),
+              "classifier.0": {"widths": [8, 16, 32]}}, example_inputs=x_tr[:4])
+    with pytest.raises(ConfigError, match="search_epochs"):
+        neuroexapt.Trainer(model=model, progress=False)  # choices need a search
+    with pytest.raises(ConfigError, match="unknown search option"):
+        neuroexapt.Trainer(model=model, search_epochs=1, search={"lr": 1.0}, progress=False)
+    trainer = neuroexapt.Trainer(model=model, lr=3e-3, progress=False, search_epochs=3,
+                                 search={"arch_lr": 0.01}, checkpoint_dir=str(tmp_path))
+    history = trainer.fit(train, val, epochs=2)
+    assert not choices(model) and not model._forward_pre_hooks
+    assert len(trainer.search_result.rows) == 3 and len(history["val_metric"]) == 2
+    assert (tmp_path / "search" / "history.jsonl").exists()
+    assert model.features[3].kernel_size in ((3, 3), (5, 5))
+    assert model.classifier[0].out_features in (8, 16, 32)
+    assert {op.op for op in neuroexapt.get_history(model)} >= (
+        {"choose"} if model.features[3].kernel_size == (5, 5) else set())
+    assert accuracy(model, x_te, y_te) > 0.8
+
+
+def test_search_epochs_without_choices_is_refused() -> None:
+    with pytest.raises(ConfigError, match="relaxed choices"):
+        neuroexapt.Trainer(model=_cnn(), search_epochs=2, progress=False)
+
+
+def test_the_guide_quick_start_runs_and_prints_what_it_shows() -> None:
+    import contextlib
+    import io
+
+    guide = Path(__file__).resolve().parents[2] / "docs" / "api" / "relax.md"
+    body = guide.read_text().split("## Quick start\n", 1)[1]
+    code = body.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = body.split("```text\n", 1)[1].split("```", 1)[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, str(guide), "exec"), {"__name__": "guide"})
+    assert out.getvalue() == shown
