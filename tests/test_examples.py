@@ -194,6 +194,17 @@ def test_neuroexapt_quickstart_runs(example, capsys) -> None:
     assert "prune_layers('importance < 0.05')" in out and "expand_layers('mutate', 2)" in out
 
 
+def test_neuroexapt_relax_searches_and_discretises(example, capsys, tmp_path: Path) -> None:
+    module = example("neuroexapt_relax")
+    assert module.main(["--search-epochs", "2", "--epochs", "1", "--quiet",
+                        "--log-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "chosen {'features.3':" in out and "kernel of features.3: (" in out
+    assert "MACs per image" in out and "test accuracy" in out
+    assert (tmp_path / "history.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "choices.png").stat().st_size > 0
+
+
 @pytest.fixture
 def fashion_dir(tmp_path: Path) -> Path:
     """The shared data folder's Fashion-MNIST archives, small and random."""
