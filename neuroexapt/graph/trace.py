@@ -216,6 +216,9 @@ def trace(
         TraceError: torch.fx cannot trace the model, or it fails on ``example_inputs``.
     """
     register_third_party()
+    if getattr(model, "_neuroexapt_relax_hook", None) is not None:
+        raise TraceError(f"{type(model).__name__} has relaxed choices (neuroexapt.relax): "
+                         "discretize it first (neuroexapt.relax.discretize(model)), then edit")
     inputs = in_model_dtype(model, (example_inputs,) if isinstance(
         example_inputs, torch.Tensor) else tuple(example_inputs))
     leaf_modules = tuple(leaf_modules)  # read twice below: by the key and by the tracer

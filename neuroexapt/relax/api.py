@@ -65,7 +65,7 @@ __all__ = ["arch_parameters", "choices", "discretize", "expected_cost", "kernel_
            "relax",
            "set_temperature", "weight_parameters"]
 
-_HOOK_ATTR = "_neuroexapt_relax_hook"
+_HOOK_ATTR = "_neuroexapt_relax_hook"  # also marks a relaxed model: edits refuse it
 
 
 def relax(model: nn.Module, spec: Mapping[str, Any], *, example_inputs: Any = None,
@@ -133,6 +133,7 @@ def discretize(model: nn.Module, *, optimizer: torch.optim.Optimizer | None = No
         raise ConfigError("discretize: the model has no relaxed choice (call relax first)")
     with transaction(model, optimizer):
         classes = {m: type(m) for m in model.modules()}
+        _remove_hook(model)  # the model is edited as a plain one from here
         try:  # operations and depths first: a width choice's narrow traces a plain model
             for name, choice in found:
                 if not isinstance(choice, WidthChoice):
@@ -143,8 +144,8 @@ def discretize(model: nn.Module, *, optimizer: torch.optim.Optimizer | None = No
         except BaseException:
             for module, cls in classes.items():  # parametrize changes classes
                 module.__class__ = cls
+            _install_hook(model)
             raise
-    _remove_hook(model)
     return model
 
 

@@ -259,3 +259,13 @@ def test_the_guide_quick_start_runs_and_prints_what_it_shows() -> None:
     with contextlib.redirect_stdout(out):
         exec(compile(code, str(guide), "exec"), {"__name__": "guide"})
     assert out.getvalue() == shown
+
+
+def test_edits_refuse_a_relaxed_model_until_it_is_discretised() -> None:
+    model, x = _relaxed()
+    with pytest.raises(neuroexapt.errors.TraceError, match="discretize it first"):
+        neuroexapt.narrow(model, "2", remove=[0], example_inputs=x)
+    with pytest.raises(ConfigError, match="already has choices"):
+        relax(model, {"0": "width"}, example_inputs=x)
+    discretize(model)
+    neuroexapt.narrow(model, "2", remove=[0], example_inputs=x)
