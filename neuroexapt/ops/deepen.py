@@ -28,8 +28,10 @@ def identity_like(layer: nn.Module) -> nn.Module:
     weight = getattr(layer, "weight", None)
     kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype} if weight is not None \
         else {}
-    if isinstance(layer, nn.Linear | nn.Embedding):
-        n = layer.out_features if isinstance(layer, nn.Linear) else layer.embedding_dim
+    conv1d = _is_transformers_conv1d(layer)  # GPT-2's Linear with a transposed weight
+    if isinstance(layer, nn.Linear | nn.Embedding) or conv1d:
+        n = layer.out_features if isinstance(layer, nn.Linear) else \
+            int(layer.nf) if conv1d else layer.embedding_dim  # type: ignore[union-attr]
         bias = getattr(layer, "bias", None) is not None
         new = nn.Linear(n, n, bias=bias, **kw)
         with torch.no_grad():
@@ -40,8 +42,15 @@ def identity_like(layer: nn.Module) -> nn.Module:
     if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return _identity_conv(layer, kw)
     raise SurgeryError(
-        f"deepen supports Linear, Embedding and Conv1d/2d/3d layers, got {type(layer).__name__}"
+        f"deepen supports Linear, Embedding, transformers' Conv1D and Conv1d/2d/3d layers, got "
+        f"{type(layer).__name__}"
     )
+
+
+def _is_transformers_conv1d(layer: nn.Module) -> bool:
+    cls = type(layer)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and \
+        isinstance(getattr(layer, "nf", None), int)
 
 
 def _identity_conv(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, kw: dict[str, Any]) -> nn.Module:

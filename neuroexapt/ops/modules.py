@@ -17,13 +17,30 @@ from torch import nn
 __all__ = ["Chain", "SkipProjection", "SkipSource", "SkipTarget"]
 
 
-class Chain(nn.Sequential):
+class _Delegating(nn.Module):
+    """Attributes the wrapper lacks are read from the original layer, so model code that reads
+    ``self.proj.weight.dtype`` or ``self.fc.in_features`` keeps working after an edit."""
+
+    _neuroexapt_inner = ""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules") or {}
+            inner = modules.get(type(self)._neuroexapt_inner)
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
+
+
+class Chain(_Delegating, nn.Sequential):
     """The original layer (child ``0``) followed by layers that ``deepen`` inserted."""
 
     _neuroexapt_inner = "0"
 
 
-class SkipSource(nn.Module):
+class SkipSource(_Delegating):
     """Runs ``inner`` and keeps its output for the :class:`SkipTarget` modules fed by it."""
 
     _neuroexapt_inner = "inner"
@@ -81,7 +98,7 @@ class SkipProjection(nn.Module):
         return x.movedim(-1, self.dst_dim)
 
 
-class SkipTarget(nn.Module):
+class SkipTarget(_Delegating):
     """Adds the projected outputs of its sources to its first input, then runs ``inner``."""
 
     _neuroexapt_inner = "inner"

@@ -457,3 +457,46 @@ def test_a_grouped_convolution_resizes_its_outputs_group_by_group() -> None:
     with pytest.raises(SurgeryError, match="reads these channels group by group"):
         neuroexapt.widen(model, "0", 4)
     assert_model_unchanged(model, snap)
+
+
+class ReadsItsWeights(nn.Module):
+    """Model code that reads attributes of its layers in forward (as transformers' ViT casts
+    its input to ``self.projection.weight.dtype``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.projection = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.projection.weight.dtype)
+        h = self.projection(x)
+        assert h.shape[-1] == self.projection.out_features
+        return self.head(torch.relu(h))
+
+
+@pytest.mark.parametrize("edit", ["deepen", "skip"])
+def test_wrapped_layers_still_answer_for_the_original_layer(edit: str) -> None:
+    torch.manual_seed(0)
+    model, x = ReadsItsWeights(), torch.randn(3, 4)
+    before = model(x)
+    if edit == "deepen":
+        neuroexapt.deepen(model, "projection", example_inputs=x, verify=True)
+    else:
+        neuroexapt.add_skip(model, "projection", "head", example_inputs=x)
+    assert model.projection.weight.shape == (8, 4) and model.projection.out_features == 8
+    assert_same_function(before, model(x), x)
+    with pytest.raises(AttributeError):
+        model.projection.no_such_attribute  # noqa: B018
+
+
+def test_deepen_inserts_an_identity_after_a_transformers_conv1d() -> None:
+    transformers = pytest.importorskip("transformers")
+    conv1d = transformers.pytorch_utils.Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(conv1d(12, 6), nn.GELU(), conv1d(3, 12))
+    x = torch.randn(2, 5, 6)
+    before = model(x)
+    neuroexapt.deepen(model, "0", example_inputs=x, verify=True)
+    assert_same_function(before, model(x), x)
+    assert sum(p.numel() for p in model.parameters()) > 6 * 12 + 12 + 12 * 3 + 3
