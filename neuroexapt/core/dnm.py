@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuroexapt.distributed import broadcast, is_distributed, rewrap, split_ddp, synchronize
 from neuroexapt.errors import ConfigError, NeuroExaptError
 from neuroexapt.graph import graph_cache
 from neuroexapt.metrics.analyze import report_from_stats
@@ -22,6 +23,7 @@ from neuroexapt.metrics.recorder import BypassGradient, TrainingRecorder
 from neuroexapt.metrics.report import AnalysisReport
 from neuroexapt.ops import EditRecord, add_skip, deepen, widen
 from neuroexapt.ops.edit import count_parameters
+from neuroexapt.ops.history import get_history
 from neuroexapt.optim.discover import OptimizerWatch
 from neuroexapt.policy.analyzer import LayerPerformanceAnalyzer
 from neuroexapt.policy.config import DNMConfig
@@ -68,8 +70,15 @@ class DNMFramework:
     it traces with from them, and finds the optimizer that trains the model from the
     optimizer's own steps (:class:`~neuroexapt.optim.discover.OptimizerWatch`).
 
+    Under ``torch.distributed`` (``torchrun``), pass the ``DistributedDataParallel`` model:
+    statistics are all-reduced, rank 0's decisions are broadcast, every rank applies the same
+    edits (verified), and the wrapper is rebuilt around the edited module after each change.
+    Train with ``dnm.model`` (the current wrapper) from then on; the old one refuses to run
+    (see :mod:`neuroexapt.distributed`).
+
     Args:
-        model: the model, edited in place (``dnm.model`` is the same object).
+        model: the model, edited in place (``dnm.model`` is the same object, or the current
+            DistributedDataParallel wrapper).
         config: the design document's dict (or a :class:`DNMConfig`); unknown keys are rejected.
         optimizer: the optimizer that trains ``model``; found by itself when omitted (two
             optimizers stepping the model, or none by the first change, raise
@@ -112,6 +121,7 @@ class DNMFramework:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer= must be a torch.optim.Optimizer, got {optimizer!r}")
         self.config = DNMConfig.from_dict(config)
+        model, self._ddp = split_ddp(model)
         self._model = model
         self.optimizer = optimizer
         self.probe = _as_probe(probe)
@@ -147,8 +157,9 @@ class DNMFramework:
 
     @property
     def model(self) -> nn.Module:
-        """The model being grown (the object passed in, edited in place)."""
-        return self._model
+        """The model being grown (the object passed in, edited in place; under DDP the current
+        DistributedDataParallel wrapper, rebuilt after each change)."""
+        return self._ddp if self._ddp is not None else self._model
 
     def close(self) -> None:
         """Remove every hook the framework installed (model, optimizer and global hooks)."""
@@ -273,7 +284,7 @@ class DNMFramework:
             if epoch > schedule.epochs[-1]:
                 return False, [f"growth budget is spent by epoch {schedule.epochs[-1]} "
                                f"(growth_by={self.config.growth_by})"]
-        return self.trigger.check(epoch, evidence)
+        return broadcast(self.trigger.check(epoch, evidence))  # rank 0 decides for all
 
     # ------------------------------------------------------------------ changes
     def execute_morphogenesis(self, epoch: int) -> dict[str, Any]:
@@ -298,7 +309,9 @@ class DNMFramework:
             self._take_bypass()
         cfg = self.config
         before = count_parameters(self._model)
-        snapshot = Snapshot.take(self._model, self.optimizer) if cfg.rollback_enabled else None
+        since = len(get_history(self._model))
+        snapshot = Snapshot.take(self._model, self.optimizer) \
+            if cfg.rollback_enabled or is_distributed() else None
         schedule = self._schedule_for_decision()
         scheduled = schedule is not None and schedule.due(int(epoch))
         with graph_cache(self._model):
@@ -312,6 +325,11 @@ class DNMFramework:
         if scheduled:
             assert schedule is not None
             schedule.done += 1  # a step that fit nothing leaves its share to the next ones
+        if is_distributed():  # every rank holds rank 0's edits, weights and optimizer state
+            synchronize(self._model, self.optimizer, since, snapshot)
+            new_events = broadcast(new_events)
+            if self._ddp is not None and len(get_history(self._model)) > since:
+                self._ddp = rewrap(self._ddp, self._model)
         if new_events:
             self.trigger.changes += 1 if scheduled else len(new_events)
             self.trigger.evaluating_until = epoch + cfg.evaluation_window
@@ -455,7 +473,7 @@ class DNMFramework:
         if self._snapshot is None:
             return
         snapshot, before, until = self._snapshot
-        drop = (before - value) if before is not None else 0.0
+        drop = broadcast((before - value) if before is not None else 0.0)  # rank 0's metric
         if self.config.rollback_enabled and drop > self.config.performance_drop_threshold:
             params = count_parameters(self._model)
             snapshot.restore(self._model, self.optimizer)
@@ -463,6 +481,8 @@ class DNMFramework:
             self.boost.clear()
             self.report, self._bypass = None, {}
             self.recorder.attach()  # the restored modules are new objects
+            if self._ddp is not None:
+                self._ddp = rewrap(self._ddp, self._model)
             self.events.add(MorphogenesisEvent(
                 self._epoch, "rollback", "*",
                 [f"validation fell by {drop:.4f} > performance_drop_threshold="

@@ -101,8 +101,10 @@ def save(model: nn.Module, path: str | os.PathLike[str],
 
 
 @accepts_wrapped
-def replay(model: nn.Module, history: list[EditRecord]) -> None:
-    """Apply the edits of ``history`` to a fresh ``model`` (weights are loaded afterwards)."""
+def replay(model: nn.Module, history: list[EditRecord], *,
+           optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Apply the edits of ``history`` to a fresh ``model`` (weights are loaded afterwards);
+    ``optimizer``'s state follows the edits."""
     from neuroexapt.ops import add_skip, deepen, narrow, remove_block, widen
     from neuroexapt.relax.specs import build_module, replace_module
 
@@ -112,15 +114,15 @@ def replay(model: nn.Module, history: list[EditRecord]) -> None:
         try:
             if r.op == "widen":
                 widen(model, a["layer"], a["by"], example_inputs=x, strategy=a["strategy"],
-                      units=a["units"], allow_approximate=True)
+                      units=a["units"], allow_approximate=True, optimizer=optimizer)
             elif r.op == "narrow":
-                narrow(model, a["layer"], keep=a["keep"], example_inputs=x)
+                narrow(model, a["layer"], keep=a["keep"], example_inputs=x, optimizer=optimizer)
             elif r.op == "deepen":
-                deepen(model, a["layer"], example_inputs=x)
+                deepen(model, a["layer"], example_inputs=x, optimizer=optimizer)
             elif r.op == "add_skip":
-                add_skip(model, a["src"], a["dst"], example_inputs=x)
+                add_skip(model, a["src"], a["dst"], example_inputs=x, optimizer=optimizer)
             elif r.op == "remove_block":
-                remove_block(model, a["block"], example_inputs=x)
+                remove_block(model, a["block"], example_inputs=x, optimizer=optimizer)
             elif r.op == "choose":  # an operation or depth choice discretised (relax)
                 replace_module(model, a["layer"], build_module(a["module"]).to(device))
             else:

@@ -276,7 +276,8 @@ def test_grouped_conv_cannot_be_resized() -> None:
 
 
 def test_deepen_unsupported_layer() -> None:
-    fails(mlp(), SurgeryError, r"deepen supports Linear, Embedding, transformers. Conv1D and Conv.*got LayerNorm",
+    fails(mlp(), SurgeryError,
+          r"deepen supports Linear, Embedding, transformers. Conv1D and Conv.*got LayerNorm",
           neuroexapt.deepen, "1", example_inputs=MLP_X)
 
 

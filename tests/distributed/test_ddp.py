@@ -1,0 +1,48 @@
+"""DNM under DistributedDataParallel: two processes on the CPU (gloo) (issue 14)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import neuroexapt
+import neuroexapt.distributed
+from neuroexapt.core import DNMFramework
+from neuroexapt.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
+
+
+def test_every_rank_grows_the_same_architecture_with_the_same_weights(tmp_path: Path) -> None:
+    from helpers import ddp_worker
+
+    epochs = 3
+    mp.spawn(ddp_worker.run, args=(2, str(tmp_path / "pg"), str(tmp_path), epochs), nprocs=2,
+             join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == epochs
+    grew = 0
+    for a, b in zip(*ranks, strict=True):
+        assert a["digest"] == b["digest"], a["epoch"]
+        assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-6, abs=1e-6), a["epoch"]
+        assert a["events"] == b["events"] and a["optimizer_complete"] and b["optimizer_complete"]
+        if a["events"]:
+            grew += 1
+            assert a["stale_refused"] and a["wrapper_is_new"]
+    assert grew > 0, "nothing grew: the test tests nothing"
+
+
+def test_a_ddp_model_without_a_process_group_is_refused() -> None:
+    class Fake(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module: torch.nn.Module) -> None:  # no process group needed
+            torch.nn.Module.__init__(self)
+            self.module = module
+
+    with pytest.raises(ConfigError, match="init_process_group"):
+        DNMFramework(Fake(torch.nn.Linear(2, 2)))
+    assert neuroexapt.distributed.rank() == 0 and not neuroexapt.distributed.is_distributed()

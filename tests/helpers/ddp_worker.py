@@ -1,0 +1,73 @@
+"""A process of the two-process DDP tests: DNM growing a DistributedDataParallel model.
+
+Each rank trains on its half of the digits, grows with DNMFramework every epoch, and writes
+after every epoch its architecture digest, a checksum of its parameters and optimizer state,
+and the events, to ``<out>/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from neuroexapt.core import DNMFramework
+from neuroexapt.distributed import architecture_digest
+from neuroexapt.train.digits import DigitsCNN, load_digits
+
+
+def _checksum(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
+    total = sum(float(p.detach().double().sum()) for p in model.parameters())
+    for state in opt.state.values():
+        total += sum(float(v.double().sum()) for v in state.values()
+                     if isinstance(v, torch.Tensor))
+    return total
+
+
+def run(rank: int, world: int, init_file: str, out: str, epochs: int) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        x, y, x_val, y_val = load_digits(0)
+        module = DigitsCNN(width=4)
+        model = torch.nn.parallel.DistributedDataParallel(module)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        probe = [(x[-128:-64], y[-128:-64]), (x[-64:], y[-64:])]
+        dnm = DNMFramework(model, {"morphogenesis_interval": 1, "trigger_on_bottleneck": True},
+                           optimizer=opt, probe=probe)
+        shard_x, shard_y = x[:512][rank::world], y[:512][rank::world]
+        rows = []
+        for epoch in range(1, epochs + 1):
+            net = dnm.model
+            net.train()
+            order = torch.randperm(len(shard_y), generator=torch.Generator().manual_seed(epoch))
+            for idx in order.split(32):
+                opt.zero_grad()
+                F.cross_entropy(net(shard_x[idx]), shard_y[idx]).backward()
+                opt.step()
+            dnm.update_caches()
+            with torch.no_grad():  # each rank validates on its own share: ranks disagree
+                acc = float((module(x_val[rank::world]).argmax(1) ==
+                             y_val[rank::world]).float().mean())
+            dnm.record_performance(acc)
+            go, _ = dnm.should_trigger_morphogenesis(epoch)
+            events = dnm.execute_morphogenesis(epoch)["events"] if go else []
+            stale = False
+            if events:
+                try:
+                    net(shard_x[:2])
+                except Exception:
+                    stale = True
+            rows.append({"epoch": epoch, "digest": architecture_digest(module),
+                         "checksum": _checksum(module, opt), "events": len(events),
+                         "stale_refused": stale, "wrapper_is_new": dnm.model is not net,
+                         "optimizer_complete": {id(p) for g in opt.param_groups
+                                                for p in g["params"]}
+                         == {id(p) for p in module.parameters()}})
+        Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
