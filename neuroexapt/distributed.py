@@ -21,6 +21,7 @@ Without an initialised process group every function is a no-op (one process).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from typing import Any
 
@@ -124,8 +125,8 @@ def synchronize(model: nn.Module, optimizer: torch.optim.Optimizer | None, since
         raise SurgeryError(f"the ranks hold different architectures after an edit ({digests})")
 
 
-_DDP_OPTIONS = ("device_ids", "output_device", "dim", "broadcast_buffers",
-                "find_unused_parameters", "gradient_as_bucket_view", "static_graph")
+_DDP_OPTIONS = ("device_ids", "output_device", "dim", "find_unused_parameters",
+                "gradient_as_bucket_view", "static_graph")
 
 
 def rewrap(old: Any, module: nn.Module) -> Any:
@@ -141,6 +142,10 @@ def rewrap(old: Any, module: nn.Module) -> Any:
     if isinstance(options.get("output_device"), torch.device):
         options["output_device"] = options["output_device"].index
     options = {k: v for k, v in options.items() if v is not None}
+    if getattr(old, "broadcast_buffers", True) is False:  # passed only when not the default
+        key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            DDP.__init__).parameters else "broadcast_buffers"
+        options[key] = False
     new = DDP(module, process_group=getattr(old, "process_group", None), **options)
 
     def stale(*_: Any) -> None:

@@ -46,3 +46,20 @@ def test_a_ddp_model_without_a_process_group_is_refused() -> None:
     with pytest.raises(ConfigError, match="init_process_group"):
         DNMFramework(Fake(torch.nn.Linear(2, 2)))
     assert neuroexapt.distributed.rank() == 0 and not neuroexapt.distributed.is_distributed()
+
+
+def test_the_torchrun_example_grows_and_saves_from_rank_0(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "2", str(root / "examples" / "dnm_ddp.py"), "--epochs", "2",
+         "--save", str(tmp_path / "m.pt")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "epoch 2: 1 changes" in out.stdout and out.stdout.count("validation accuracy") == 2
+    loaded, _ = neuroexapt.load(tmp_path / "m.pt", lambda: __import__(
+        "neuroexapt.train.digits", fromlist=["DigitsCNN"]).DigitsCNN(width=4))
+    assert sum(p.numel() for p in loaded.parameters()) > 4818
