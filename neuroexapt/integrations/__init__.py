@@ -1,0 +1,2 @@
+"""Integrations with training frameworks (optional extras): ``neuroexapt.integrations.lightning``
+(the ``lightning`` extra)."""

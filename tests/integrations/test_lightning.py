@@ -1,0 +1,116 @@
+"""DNM inside lightning.Trainer.fit: growth, optimizer and scheduler, checkpoints (issue 14)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import neuroexapt
+from neuroexapt.errors import ConfigError
+from neuroexapt.train.digits import DigitsCNN, load_digits
+
+L = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
+from neuroexapt.integrations.lightning import DNMCallback  # noqa: E402
+
+EAGER = {"morphogenesis_interval": 1, "trigger_on_bottleneck": True}
+
+
+class Digits(L.LightningModule):
+    def __init__(self, optimizers: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = DigitsCNN(width=4)
+        self.optimizers_count = optimizers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, _: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, _: int) -> None:
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        opts = [torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+                for _ in range(self.optimizers_count)]
+        if self.optimizers_count > 1:
+            self.automatic_optimization = False
+            return opts
+        sched = torch.optim.lr_scheduler.StepLR(opts[0], step_size=1, gamma=0.9)
+        return {"optimizer": opts[0], "lr_scheduler": sched}
+
+
+def _loaders() -> tuple[Any, Any]:
+    x, y, xv, yv = load_digits(0)
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:512], y[:512]),
+                                        batch_size=64)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv[:128], yv[:128]),
+                                      batch_size=128)
+    return train, val
+
+
+def _trainer(tmp_path: Path, epochs: int, callback: DNMCallback) -> Any:
+    return L.Trainer(max_epochs=epochs, callbacks=[callback], default_root_dir=str(tmp_path),
+                     enable_progress_bar=False, enable_model_summary=False, logger=False,
+                     num_sanity_val_steps=0, accelerator="cpu", devices=1)
+
+
+def test_the_callback_grows_the_module_and_resumes_from_a_checkpoint(tmp_path: Path) -> None:
+    train, val = _loaders()
+    module = Digits()
+    start = sum(p.numel() for p in module.parameters())
+    trainer = _trainer(tmp_path, 3, DNMCallback(EAGER, monitor="val_acc", attr="net"))
+    trainer.fit(module, train, val)
+    grown = sum(p.numel() for p in module.parameters())
+    assert grown > start and neuroexapt.get_history(module.net)
+    opt = trainer.optimizers[0]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == \
+        {id(p) for p in module.parameters()}
+    assert trainer.lr_scheduler_configs[0].scheduler.optimizer is opt
+    assert opt.param_groups[0]["lr"] < 0.05  # the scheduler kept stepping
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert len(saved["neuroexapt"]["history"]) == len(neuroexapt.get_history(module.net))
+    # a fresh module resumes: the history is replayed before the weights are loaded
+    fresh = Digits()
+    resumed = _trainer(tmp_path / "resume", 4, DNMCallback(EAGER, attr="net"))
+    resumed.fit(fresh, train, val, ckpt_path=str(ckpt))
+    assert sum(p.numel() for p in fresh.parameters()) >= grown
+
+    def shape(records: list[Any]) -> list[tuple[str, str, int]]:
+        return [(r.op, r.target, r.params_after) for r in records]
+
+    n = len(saved["neuroexapt"]["history"])
+    assert shape(neuroexapt.get_history(fresh.net)[:n]) == \
+        shape(neuroexapt.get_history(module.net)[:n])
+    assert "on_load_checkpoint" not in fresh.__dict__  # the callback's wrapper is gone
+
+
+def test_a_metric_the_module_does_not_log_is_named(tmp_path: Path) -> None:
+    train, val = _loaders()
+    trainer = _trainer(tmp_path, 1, DNMCallback(EAGER, monitor="val_f1", attr="net"))
+    with pytest.raises(ConfigError, match=r"val_f1.*val_acc"):
+        trainer.fit(Digits(), train, val)
+
+
+def test_bad_configuration_fails_when_the_callback_is_built() -> None:
+    with pytest.raises(ConfigError, match="morphogenesis_intervall"):
+        DNMCallback({"morphogenesis_intervall": 3})
+    with pytest.raises(ConfigError, match="mode"):
+        DNMCallback(EAGER, mode="up")
+
+
+def test_several_optimizers_over_the_grown_model_are_refused(tmp_path: Path) -> None:
+    train, val = _loaders()
+    module = Digits(optimizers=2)
+    trainer = _trainer(tmp_path, 1, DNMCallback(EAGER, attr="net"))
+    with pytest.raises(ConfigError, match="exactly one optimizer"):
+        trainer.fit(module, train, val)
+    assert neuroexapt.get_history(module.net) == []
