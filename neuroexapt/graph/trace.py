@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -243,7 +244,7 @@ def _trace(
     tracer = _Tracer(leaf_modules)
     concrete = False
     try:
-        graph = tracer.trace(model)  # sets tracer.root
+        graph = tracer.trace(model, concrete_args=_defaults_after(model, len(inputs)))
         gm = fx.GraphModule(tracer.root, graph)
     except Exception as symbolic:  # fx raises many types: report them all the same way
         try:
@@ -271,6 +272,18 @@ def _trace(
     if concrete:
         strip_root(gm.graph)
     return _build(model, gm.graph)
+
+
+def _defaults_after(model: nn.Module, given: int) -> dict[str, Any] | None:
+    """The defaults of the forward's parameters after the ``given`` example inputs: traced
+    as those constants (``labels=None`` takes the branch the example inputs take)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = {p.name: p.default for p in positional[given:] if p.default is not p.empty}
+    return rest or None
 
 
 def _build(model: nn.Module, graph: fx.Graph) -> ModelGraph:

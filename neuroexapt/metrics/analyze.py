@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroexapt.errors import AnalysisError, ConfigError
-from neuroexapt.metrics.collector import ActivationCollector, LayerSpec, LayerStats
+from neuroexapt.metrics.collector import ActivationCollector, LayerSpec, LayerStats, model_output
 from neuroexapt.metrics.estimators import label_entropy
 from neuroexapt.metrics.formulas import TASK_TYPES
 from neuroexapt.metrics.layer_metrics import (
@@ -90,7 +90,7 @@ def _collect(model: nn.Module, collector: ActivationCollector, data: Iterable[Ba
     with collector, torch.enable_grad():
         for x, y in data:
             collector.set_targets(y)
-            loss = loss_fn(model(*_as_inputs(x)), y)
+            loss = loss_fn(model_output(model(*_as_inputs(x))), y)
             seen += 1
             if not torch.isfinite(loss):
                 bad += 1
@@ -250,7 +250,7 @@ def _ablate(model: nn.Module, results: Sequence[LayerAnalysis], held: Batch,
     modules = dict(model.named_modules())
     inputs, targets = _as_inputs(held[0]), held[1]
     with torch.no_grad():
-        base = float(loss_fn(model(*inputs), targets))
+        base = float(loss_fn(model_output(model(*inputs)), targets))
     for r in results:
         ablated = ablation_loss(model, modules[r.name], inputs, targets, loss_fn)
         r.metrics["performance_sensitivity"] = max(0.0, ablated - base)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -441,12 +441,26 @@ def _select_layers(model: nn.Module, layers: LayerSpec, modules: dict[str, nn.Mo
     return [n for n in modules if n in wanted]
 
 
+def model_output(output: Any) -> Any:
+    """The tensor a loss reads from a model's output: the output itself, or the first tensor
+    of a tuple, or the ``logits`` of a transformers ``ModelOutput``; anything else unchanged."""
+    tensor = _first_tensor(output)
+    return tensor if tensor is not None else output
+
+
 def _first_tensor(output: Any) -> torch.Tensor | None:
-    """The output itself, or the first tensor of a tuple / list output."""
+    """The output itself, the first tensor of a tuple / list output, or the ``logits`` of a
+    dict-like one (a transformers ``ModelOutput``, whose first entry may be the loss)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, tuple | list):
         return next((o for o in output if isinstance(o, torch.Tensor)), None)
+    if isinstance(output, Mapping):
+        logits = output.get("logits")
+        if isinstance(logits, torch.Tensor):
+            return logits
+        return next((v for v in output.values() if isinstance(v, torch.Tensor) and v.dim()),
+                    None)
     return None
 
 

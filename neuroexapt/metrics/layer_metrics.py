@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from neuroexapt.errors import ConfigError
-from neuroexapt.metrics.collector import LayerStats
+from neuroexapt.metrics.collector import LayerStats, model_output
 from neuroexapt.metrics.estimators import effective_rank, hsic, mutual_information, unit_entropy
 
 __all__ = [
@@ -135,7 +135,7 @@ def ablation_loss(
     handle = layer.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            return float(loss_fn(model(*inputs), targets))
+            return float(loss_fn(model_output(model(*inputs)), targets))
     finally:
         handle.remove()
 

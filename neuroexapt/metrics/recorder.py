@@ -33,6 +33,7 @@ hooks so far (measured around each call), the recorder's whole share of a traini
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -108,6 +109,22 @@ class BypassGradient:
         if self.matrix is None or not self.batches:
             raise NeuroExaptError(f"no bypass gradient recorded for '{self.layer}' yet")
         return self.matrix / self.batches
+
+
+_NOT_INPUTS = {"labels", "label", "return_loss"}
+
+
+def _positional(module: nn.Module, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The tensors of ``kwargs`` that fill the forward's first parameters in order (up to the
+    first one missing, and never the labels): a call ``model(**batch)`` replayed as
+    ``model(*inputs)``."""
+    out = []
+    for name in inspect.signature(module.forward).parameters:
+        value = kwargs.get(name)
+        if name in _NOT_INPUTS or not isinstance(value, torch.Tensor):
+            break
+        out.append(value)
+    return tuple(out)
 
 
 class _Hook:
@@ -213,7 +230,8 @@ class TrainingRecorder:
         self.layers = names
         self.reset()
         root = self.model
-        self._handles.append(root.register_forward_pre_hook(_Hook(self, "_on_start")))
+        self._handles.append(root.register_forward_pre_hook(_Hook(self, "_on_start"),
+                                                            with_kwargs=True))
         self._handles.append(root.register_forward_hook(_Hook(self, "_on_end")))
         for name in names:
             module = modules[name]
@@ -239,7 +257,10 @@ class TrainingRecorder:
         self.close()
 
     # ---------------------------------------------------------------- hooks
-    def _on_start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _on_start(self, module: nn.Module, args: tuple[Any, ...],
+                  kwargs: dict[str, Any] | None = None) -> None:
+        if not args and kwargs:  # model(**batch): the inputs in the forward's order
+            args = _positional(module, kwargs)
         self._stash.clear()
         self._inputs.clear()
         self._recording = False

@@ -28,6 +28,7 @@ from torch import nn
 
 from neuroexapt.errors import ConfigError, NeuroExaptError
 from neuroexapt.graph import trace
+from neuroexapt.metrics.collector import model_output
 from neuroexapt.metrics.recorder import BypassGradient, TrainingRecorder
 from neuroexapt.metrics.report import AnalysisReport
 from neuroexapt.ops import EditRecord, deepen
@@ -79,7 +80,7 @@ def measure_bypass(model: nn.Module, batches: Any, loss_fn: Callable[..., torch.
         with torch.enable_grad():
             for x, y in batches:
                 inputs = (x,) if isinstance(x, torch.Tensor) else tuple(x)
-                loss_fn(model(*inputs), y).backward()
+                loss_fn(model_output(model(*inputs)), y).backward()
         return {k: v for k, v in recorder.growth.items() if v.batches}
     finally:
         recorder.close()

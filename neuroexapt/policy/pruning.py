@@ -68,6 +68,7 @@ from neuroexapt.graph import ModelGraph, graph_cache, trace
 from neuroexapt.graph.groups import Group, Member
 from neuroexapt.graph.layout import Layout
 from neuroexapt.graph.wrappers import accepts_wrapped
+from neuroexapt.metrics.collector import model_output
 from neuroexapt.metrics.cost import count_macs, measure_latency
 from neuroexapt.ops import EditRecord, narrow_many
 from neuroexapt.ops.edit import count_parameters
@@ -463,7 +464,7 @@ def _information(model: nn.Module, groups: list[Group], probe: list[Batch],
         for x, y in probe:
             for p in params:
                 p.grad = None
-            loss = loss_fn(model(*_inputs(x)), y)
+            loss = loss_fn(model_output(model(*_inputs(x))), y)
             if not torch.isfinite(loss):
                 raise AnalysisError("the loss is NaN or infinite while scoring units; check "
                                     "the model and the data")

@@ -469,3 +469,36 @@ def test_update_caches_works_with_inplace_activations() -> None:
                        probe=(x, y))
     report = dnm.update_caches()
     assert report["0"].metrics["performance_sensitivity"] >= 0.0
+
+
+def test_a_model_called_with_keyword_inputs_is_recorded_and_grown(data: dict[str, Data]) -> None:
+    """``model(**batch)`` (as transformers' Trainer calls models) returning a dict-like output
+    with the loss first: the recorder replays the inputs in the forward's order and reads
+    the logits."""
+
+    class KeywordNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = DigitsCNN(width=4)
+
+        def forward(self, pixels: torch.Tensor, labels: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+            logits = self.net(pixels)
+            out = {"logits": logits}
+            if labels is not None:
+                out = {"loss": F.cross_entropy(logits, labels), **out}
+            return out
+
+    torch.manual_seed(0)
+    model = KeywordNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dnm = DNMFramework(model, {**EAGER, "record_every": 1}, optimizer=opt)
+    x, y = data["train"]
+    for idx in torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).split(64):
+        opt.zero_grad()
+        model(pixels=x[idx], labels=y[idx])["loss"].backward()
+        opt.step()
+    assert dnm.recorder.recorded > 0 and dnm.recorder.example_inputs[0].shape[1:] == (1, 8, 8)
+    dnm.update_caches()
+    dnm.record_performance(0.5)
+    assert dnm.execute_morphogenesis(1)["parameters_added"] > 0
