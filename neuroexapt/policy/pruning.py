@@ -172,6 +172,7 @@ def prune_to(
         assert base is not None
         goal = base * (1.0 - amount)
         records: list[EditRecord] = []
+        ideal: dict[str, float] = {}  # allocation="uniform": each group's unrounded size
         rounds = removed = 0
         current = base
         for rounds in range(1, 3 * steps + 1):
@@ -194,7 +195,7 @@ def prune_to(
             scored = (probe + probe)[start : start + share]
             done, units = _round(model, scored, example, batch, current - target, current, by,
                                  score, loss_fn, max_fraction, step, rounded, allocation,
-                                 optimizer)
+                                 ideal, optimizer)
             if not done:
                 logger.warning("prune_to stopped at %.4g of the target %.4g %s: no unit left "
                                "that may be removed", current, goal, by)
@@ -250,8 +251,8 @@ def _check(amount: float, by: str, score: str, batches: int, steps: int,
 def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ...],
            batch: tuple[torch.Tensor, ...], need: float, current: float, by: str, score: str,
            loss_fn: LossFn, max_fraction: float, round_to: int | None, rounded: set[str],
-           allocation: str, optimizer: torch.optim.Optimizer | None
-           ) -> tuple[list[EditRecord], int]:
+           allocation: str, ideal: dict[str, float],
+           optimizer: torch.optim.Optimizer | None) -> tuple[list[EditRecord], int]:
     """One round: remove the cheapest-information units worth about ``need`` of ``by``."""
     graph = trace(model, example)
     groups = [g for g in graph.groups if _eligible(g)]
@@ -278,17 +279,8 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
     chosen: dict[int, list[int]] = {g.id: [] for g in groups}
     by_id = {g.id: g for g in groups}
     if allocation == "uniform":
-        # one share for every group: the one whose units save about ``need`` in all
-        total = sum(float(head_cost[g.id].sum()) for g in groups) * scale
-        share = min(max_fraction, need / max(total, 1e-30))
-        for _, gid, unit in ranked:  # the cheapest information first inside each group
-            group = by_id[gid]
-            if len(chosen[gid]) < min(caps[gid], round(share * group.size / group.atom)):
-                chosen[gid].append(unit)
-        if not any(chosen.values()):  # every group rounds to nothing: the largest loses one
-            largest = max(groups, key=lambda g: (g.size // g.atom, -g.id))
-            if caps[largest.id]:
-                chosen[largest.id] = [next(u for _, gid, u in ranked if gid == largest.id)]
+        chosen = _uniform(groups, ranked, head_cost, scale, need, max_fraction, caps,
+                          round_to if round_to is not None else 1, rounded, ideal)
     saved = 0.0
     for _, gid, unit in ranked if allocation == "global" else ():
         if saved >= need:
@@ -296,7 +288,7 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
         if len(chosen[gid]) < caps[gid]:
             chosen[gid].append(unit)
             saved += float(head_cost[gid][unit]) * scale
-    if round_to is not None:
+    if round_to is not None and allocation == "global":
         order = {g.id: [u for _, gid, u in ranked if gid == g.id] for g in groups}
         chosen.update(_rounded({k: v for k, v in chosen.items()
                                 if rounded & set(by_id[k].producers) and by_id[k].atom == 1},
@@ -320,6 +312,35 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
                 continue
     done = {r.target for r in records}
     return records, sum(len(u) for layer, u in remove.items() if layer in done)
+
+
+def _uniform(groups: list[Group], ranked: list[tuple[float, int, int]],
+             cost: dict[int, torch.Tensor], scale: float, need: float, max_fraction: float,
+             caps: dict[int, int], step: int, rounded: set[str], ideal: dict[str, float]
+             ) -> dict[int, list[int]]:
+    """The units of a uniform round: every group's ideal size (kept across rounds, so that
+    rounding to multiples of ``step`` never stalls a small group) shrinks by one share, the
+    one whose units save about ``need``; each group then keeps its ideal size rounded, and
+    loses its cheapest-information units."""
+    total = sum(float(cost[g.id].sum()) for g in groups) * scale
+    share = min(max_fraction, need / max(total, 1e-30))
+    for _ in range(12):  # a share too small to move any rounded size is doubled
+        chosen: dict[int, list[int]] = {g.id: [] for g in groups}
+        for g in groups:
+            atoms = g.size // g.atom
+            key = g.producers[0]
+            target = ideal.get(key, float(atoms)) * (1.0 - share)
+            unit = step if key in rounded else 1
+            keep = max(unit, round(target / unit) * unit) if unit > 1 else max(1, round(target))
+            k = min(caps[g.id], max(0, atoms - keep))
+            chosen[g.id] = [u for _, gid, u in ranked if gid == g.id][:k]
+        if any(chosen.values()) or share >= max_fraction:
+            break
+        share = min(max_fraction, 2 * share)
+    for g in groups:  # the new ideal sizes, for the next round
+        key = g.producers[0]
+        ideal[key] = ideal.get(key, float(g.size // g.atom)) * (1.0 - share)
+    return chosen
 
 
 def _per_atom(values: torch.Tensor, atom: int) -> torch.Tensor:
