@@ -1,4 +1,9 @@
-"""Command line: ``python -m neuroexapt.cli demo`` and ``edit-demo``.
+"""Command line: ``neuroexapt train``, ``report``, ``analyze``, ``demo`` and ``edit-demo``.
+
+``train --config run.yaml`` trains the model the file names on its data with DNM, the
+information-theoretic Trainer or plainly, into a run folder; ``--resume RUN_DIR`` continues a
+run; ``report RUN_DIR`` prints its events and writes its plot; ``analyze`` prints a model's
+bottleneck report (see :mod:`neuroexapt.cli.train` and :mod:`neuroexapt.cli.config`).
 
 ``demo`` trains a small CNN on scikit-learn's bundled 8x8 digits with DNM on: the model grows
 where the analysis finds bottlenecks once validation accuracy stalls. It shows a progress bar,
@@ -86,9 +91,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_edit.add_argument("--epochs", type=int, default=6)
     p_edit.add_argument("--seed", type=int, default=0)
     p_edit.add_argument("--verbose", action="store_true", help="log every edit")
+    p_train = sub.add_parser("train", help="train from a run configuration (YAML)")
+    p_train.add_argument("--config", default=None, help="the run configuration file")
+    p_train.add_argument("--resume", default=None, help="a run folder to continue")
+    p_train.add_argument("--no-progress", action="store_true")
+    p_train.add_argument("--verbose", action="store_true", help="log every edit")
+    p_report = sub.add_parser("report", help="the events and plot of a run folder")
+    p_report.add_argument("run_dir")
+    p_report.add_argument("--verbose", action="store_true")
+    p_an = sub.add_parser("analyze", help="the bottleneck report of a model on data")
+    p_an.add_argument("--model", required=True, help="built-in name or module:factory")
+    p_an.add_argument("--data", default="digits", help="'digits' or an image folder")
+    p_an.add_argument("--checkpoint", default=None, help="a neuroexapt.save file")
+    p_an.add_argument("--batches", type=int, default=8)
+    p_an.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.command in ("train", "report", "analyze"):
+        from neuroexapt.cli import train
+        from neuroexapt.errors import NeuroExaptError
+
+        try:
+            if args.command == "train":
+                return train.train_command(args.config, args.resume, not args.no_progress)
+            if args.command == "report":
+                return train.report_command(args.run_dir)
+            return train.analyze_command(args.model, args.data, args.checkpoint, args.batches)
+        except NeuroExaptError as e:
+            parser.exit(2, f"neuroexapt {args.command}: error: {e}\n")
     if args.command == "demo":
         from neuroexapt.cli.dnm_demo import dnm_demo
 

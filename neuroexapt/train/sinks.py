@@ -12,7 +12,7 @@ from neuroexapt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunLogger"]
+__all__ = ["RunLogger", "plot_history"]
 
 
 class RunLogger:
@@ -58,29 +58,34 @@ class RunLogger:
     def plot(self, path: str | os.PathLike[str], *, metric: str, params: str,
              events: list[tuple[int, str]] = ()) -> Path:
         """PNG of ``metric`` and ``params`` per epoch, with ``(epoch, label)`` events marked."""
-        try:
-            import matplotlib
+        return plot_history(self.rows, path, metric=metric, params=params, events=events)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise ConfigError("plotting needs matplotlib: pip install matplotlib") from e
-        epochs = [r["epoch"] for r in self.rows]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(epochs, [r[metric] for r in self.rows], "o-", color="tab:blue", label=metric)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric, color="tab:blue")
-        ax2 = ax.twinx()
-        ax2.plot(epochs, [r[params] for r in self.rows], "s--", color="tab:orange",
-                 label=params)
-        ax2.set_ylabel(params, color="tab:orange")
-        for epoch, label in events:
-            ax.axvline(epoch, color="grey", linestyle=":", linewidth=1)
-            ax.annotate(label, (epoch, ax.get_ylim()[0]), rotation=90, fontsize=7,
-                        va="bottom", ha="right", xytext=(-2, 4), textcoords="offset points")
-        ax.set_title(f"{metric} and {params} per epoch")
-        fig.tight_layout()
-        out = Path(path)
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
+
+def plot_history(rows: list[dict[str, Any]], path: str | os.PathLike[str], *, metric: str,
+                 params: str, events: list[tuple[int, str]] = ()) -> Path:
+    """PNG of ``metric`` and ``params`` of ``rows`` (one per epoch), events marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ConfigError("plotting needs matplotlib: pip install matplotlib") from e
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, [r[metric] for r in rows], "o-", color="tab:blue", label=metric)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric, color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [r[params] for r in rows], "s--", color="tab:orange", label=params)
+    ax2.set_ylabel(params, color="tab:orange")
+    for epoch, label in events:
+        ax.axvline(epoch, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(label, (epoch, ax.get_ylim()[0]), rotation=90, fontsize=7,
+                    va="bottom", ha="right", xytext=(-2, 4), textcoords="offset points")
+    ax.set_title(f"{metric} and {params} per epoch")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
