@@ -51,11 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuroexapt.distributed import broadcast, is_distributed, rank, rewrap, split_ddp, synchronize
 from neuroexapt.errors import AnalysisError, ConfigError, NeuroExaptError
 from neuroexapt.graph import trace
 from neuroexapt.metrics.estimators import label_entropy
 from neuroexapt.ops import narrow, remove_block, save
 from neuroexapt.ops.edit import count_parameters
+from neuroexapt.ops.history import get_history
 from neuroexapt.policy.rollback import Snapshot
 from neuroexapt.train.bottleneck import InformationBottleneck
 from neuroexapt.train.facade import NeuroExapt, facade_of
@@ -126,8 +128,13 @@ class Trainer:
                               f"{recalibrate_batches!r}")
         if not 0 < max_prune_fraction <= 1:
             raise ConfigError(f"max_prune_fraction must be in (0, 1], got {max_prune_fraction}")
+        model, self._ddp = split_ddp(model)  # under DDP: the module is edited, the wrapper
+        # trains and is rebuilt after each change (see neuroexapt.distributed)
         self.search_epochs, self.search_options = _check_search(model, search_epochs, search,
                                                                 checkpoint_dir)
+        if self.search_epochs and self._ddp is not None:
+            raise ConfigError("search_epochs is not supported under DistributedDataParallel "
+                              "yet: search on one process, discretize, then train with DDP")
         self.search_result: Any = None
         self.model = model
         self.ne = facade_of(model) or (NeuroExapt().wrap_model(model) and facade_of(model))
@@ -174,6 +181,10 @@ class Trainer:
         units = sum(_units(self.model.get_submodule(n)) for n in names)
         # info_weight prices the mean information per gated unit, whatever the model's size
         self.ib = InformationBottleneck(self.model, names, self.info_weight / max(1, units))
+        if is_distributed():  # the same gates on every rank
+            with torch.no_grad():
+                for p in self.ib.parameters():
+                    torch.distributed.broadcast(p.data, src=0)
         self._gate_opt = torch.optim.Adam(self.ib.parameters(), lr=max(self.lr, 1e-2))
 
     def _absorb(self) -> None:
@@ -194,19 +205,20 @@ class Trainer:
         if self.search_epochs:
             self._search(train_loader, _head(val[0][0]))
         self._gate(_head(val[0][0]))
-        self.label_entropy = (label_entropy(torch.cat([y for _, y in val]).cpu())
-                              if self.ne.task_type == "classification" else None)
+        self.label_entropy = broadcast(label_entropy(torch.cat([y for _, y in val]).cpu())
+                                       if self.ne.task_type == "classification" else None)
         best, pending = -math.inf, None
         bar = _bar(range(1, epochs + 1), self.progress)
         fresh = False  # the facade's report describes the model as it is
         for epoch in bar:
             train_loss = self._train_epoch(train_loader)
             self._recalibrate(train_loader)
-            val_loss, metric = self._validate(val)
+            val_loss, metric = broadcast(self._validate(val))  # rank 0's decides for all
             pending = self._maybe_rollback(pending, metric, val)
             if metric > best and self.checkpoint_dir is not None:
                 best = metric
-                self._checkpoint()
+                if rank() == 0:
+                    self._checkpoint()
             fresh = False
             if self.ne.history or self.ne.importance_metric is not None:
                 self.ne.measure(val)  # monitor values and the importance of this epoch
@@ -249,11 +261,14 @@ class Trainer:
             x, y = _to(x, self.device), y.to(self.device)
             self.optimizer.zero_grad()
             self._gate_opt.zero_grad()
-            loss = self.loss_fn(self.model(*_args(x)), y)
+            net = self._ddp if self._ddp is not None else self.model
+            loss = self.loss_fn(net(*_args(x)), y)
             if not torch.isfinite(loss):
                 raise AnalysisError("the training loss is NaN or infinite; lower the learning "
                                     "rate or check the inputs")
             (loss + self.ib.regularizer()).backward()
+            if is_distributed():  # the gates are hooks, outside DDP: average their gradients
+                _average_gradients(list(self.ib.parameters()))
             self.optimizer.step()
             self._gate_opt.step()
             total, batches = total + float(loss.detach()), batches + 1
@@ -329,11 +344,13 @@ class Trainer:
                 chosen[layer] = self._keep_capacity(
                     values, order[: min(cap, values.numel() - 1)], layer)
         chosen = {k: v for k, v in chosen.items() if v}
+        chosen, blocks = broadcast((chosen, blocks))  # rank 0's choice, on every rank
         if not chosen and not blocks and not self.expand:
             return None, 0
         self._absorb()
         snapshot = Snapshot.take(self.model, self.optimizer)
         example = _head(val[0][0])
+        since = len(get_history(self.model))
         try:  # all or nothing: any error, ours or the model's, restores the snapshot
             removed = 0
             gone: list[str] = []  # blocks removed; deepest first, so a residual block inside a
@@ -366,12 +383,21 @@ class Trainer:
                     self.ne.expand_layers(num_layers=1, optimizer=self.optimizer)
                 except NeuroExaptError as e:
                     logger.info("epoch %d: expansion skipped: %s", epoch, e)
+            if is_distributed():  # every rank holds rank 0's edits, weights and state
+                synchronize(self.model, self.optimizer, since, snapshot)
+                removed = broadcast(removed)
         except BaseException:
             snapshot.restore(self.model, self.optimizer)
             self._gate(example)
             raise
+        self._rewrap()
         self._gate(example)
         return (snapshot, metric), removed
+
+    def _rewrap(self) -> None:
+        """A new DDP wrapper around the module as it is now (under DDP)."""
+        if self._ddp is not None:
+            self._ddp = rewrap(self._ddp, self.model)
 
     def _importance(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Per gate: the threshold factor ``2 (1 - q)`` and the per-unit scores of the custom
@@ -429,6 +455,7 @@ class Trainer:
         if before - metric > self.rollback_threshold:
             self._absorb()
             snapshot.restore(self.model, self.optimizer)
+            self._rewrap()
             self.feedback *= 0.5
             logger.info("validation fell from %.4f to %.4f: the last change is rolled back",
                         before, metric)
@@ -541,6 +568,15 @@ def _check_search(model: nn.Module, epochs: int, options: dict[str, Any] | None,
     if epochs and "log_dir" not in options and checkpoint_dir is not None:
         options["log_dir"] = str(Path(checkpoint_dir) / "search")
     return epochs, options
+
+
+def _average_gradients(params: list[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the ranks."""
+    world = torch.distributed.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
 
 
 def _args(x: Any) -> tuple[Any, ...]:

@@ -63,3 +63,16 @@ def test_the_torchrun_example_grows_and_saves_from_rank_0(tmp_path: Path) -> Non
     loaded, _ = neuroexapt.load(tmp_path / "m.pt", lambda: __import__(
         "neuroexapt.train.digits", fromlist=["DigitsCNN"]).DigitsCNN(width=4))
     assert sum(p.numel() for p in loaded.parameters()) > 4818
+
+
+def test_the_trainer_prunes_the_same_units_on_every_rank(tmp_path: Path) -> None:
+    from helpers import ddp_worker
+
+    mp.spawn(ddp_worker.run_trainer, args=(2, str(tmp_path / "pg"), str(tmp_path), 12),
+             nprocs=2, join=True)
+    a, b = (json.loads((tmp_path / f"trainer{r}.json").read_text()) for r in range(2))
+    assert sum(a["pruned"]) > 0, "nothing was pruned: the test tests nothing"
+    assert a["parameters"] == b["parameters"] and a["pruned"] == b["pruned"]
+    assert a["digest"] == b["digest"]
+    assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-6, abs=1e-6)
+    assert a["optimizer_complete"] and b["optimizer_complete"]

@@ -71,3 +71,32 @@ def run(rank: int, world: int, init_file: str, out: str, epochs: int) -> None:
         Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
     finally:
         dist.destroy_process_group()
+
+
+def run_trainer(rank: int, world: int, init_file: str, out: str, epochs: int) -> None:
+    """The information-theoretic Trainer on a DDP model: every rank writes its history, the
+    final architecture digest and checksum."""
+    import neuroexapt
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        x, y, x_val, y_val = load_digits(0)
+        module = DigitsCNN(width=16)
+        model = torch.nn.parallel.DistributedDataParallel(module)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        trainer = neuroexapt.Trainer(model=model, optimizer=opt, info_weight=0.3,
+                                     entropy_threshold=0.5, progress=False)
+        train = [(x[i : i + 64], y[i : i + 64])  # as many batches on every rank (as DDP needs)
+                 for i in range(rank * 64, 1280, 64 * world)]
+        val = [(x_val[i : i + 128], y_val[i : i + 128])
+               for i in range(rank * 128, len(y_val), 128 * world)]  # ranks disagree
+        history = trainer.fit(train, val, epochs=epochs)
+        Path(out, f"trainer{rank}.json").write_text(json.dumps({
+            "parameters": history["parameters"], "pruned": history["pruned_units"],
+            "digest": architecture_digest(module), "checksum": _checksum(module, opt),
+            "optimizer_complete": {id(p) for g in opt.param_groups for p in g["params"]}
+            == {id(p) for p in module.parameters()}}))
+    finally:
+        dist.destroy_process_group()
