@@ -76,3 +76,21 @@ def test_the_trainer_prunes_the_same_units_on_every_rank(tmp_path: Path) -> None
     assert a["digest"] == b["digest"]
     assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-6, abs=1e-6)
     assert a["optimizer_complete"] and b["optimizer_complete"]
+
+
+def test_two_processes_follow_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
+    """DDP averages the gradients of the two halves of each batch of 64. The CNN's BatchNorm
+    normalises each rank's 32 samples instead of the 64, so until the first change the losses
+    match one process's within 0.5%; the change is the same (parameters), and after it they
+    stay within 5% (the statistics that choose which units to split are sampled from each
+    rank's half of the recorded batches, so the chosen units may differ)."""
+    from helpers import ddp_worker
+
+    ddp_worker.trajectory(0, 1, "", str(tmp_path), 3)
+    mp.spawn(ddp_worker.trajectory, args=(2, str(tmp_path / "pg"), str(tmp_path), 3),
+             nprocs=2, join=True)
+    one, two = (json.loads((tmp_path / f"trajectory{w}.json").read_text()) for w in (1, 2))
+    assert one["params"] == two["params"] and one["params"][-1] > 4818  # it grew
+    first_epoch = 8  # 512 samples in batches of 64; the first change follows epoch 1
+    assert two["losses"][:first_epoch] == pytest.approx(one["losses"][:first_epoch], rel=5e-3)
+    assert two["losses"] == pytest.approx(one["losses"], rel=0.05)

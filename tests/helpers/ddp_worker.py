@@ -100,3 +100,49 @@ def run_trainer(rank: int, world: int, init_file: str, out: str, epochs: int) ->
             == {id(p) for p in module.parameters()}}))
     finally:
         dist.destroy_process_group()
+
+
+def trajectory(rank: int, world: int, init_file: str, out: str, epochs: int) -> None:
+    """DNM with a probe on ``world`` processes (1: no DDP), each global batch of 64 split
+    among the ranks: the per-step loss of the global batch and the parameter counts."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world)
+    try:
+        torch.manual_seed(0)
+        x, y, x_val, y_val = load_digits(0)
+        module = DigitsCNN(width=4)
+        model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        probe = [(x[-128:-64], y[-128:-64]), (x[-64:], y[-64:])]
+        dnm = DNMFramework(model, {"morphogenesis_interval": 1, "trigger_on_bottleneck": True},
+                           optimizer=opt, probe=probe)
+        losses, params = [], []
+        for epoch in range(1, epochs + 1):
+            net = dnm.model
+            net.train()
+            order = torch.randperm(512, generator=torch.Generator().manual_seed(epoch))
+            for idx in order.split(64):
+                mine = idx[rank::world]
+                opt.zero_grad()
+                loss = F.cross_entropy(net(x[mine]), y[mine])
+                loss.backward()
+                opt.step()
+                total = loss.detach().clone()
+                if world > 1:
+                    dist.all_reduce(total)
+                losses.append(float(total) / world)
+            dnm.update_caches()
+            with torch.no_grad():
+                acc = float((module(x_val).argmax(1) == y_val).float().mean())
+            dnm.record_performance(acc)
+            go, _ = dnm.should_trigger_morphogenesis(epoch)
+            if go:
+                dnm.execute_morphogenesis(epoch)
+            params.append(sum(p.numel() for p in module.parameters()))
+        if rank == 0:
+            Path(out, f"trajectory{world}.json").write_text(json.dumps(
+                {"losses": losses, "params": params}))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
