@@ -54,9 +54,9 @@ try:
     from benchmarks.common import (
         Batches,
         accuracy,
-        cosine_schedule,
         paired_latency,
         params,
+        train_sgd,
         vgg_cnn,
     )
     from benchmarks.data import load_cifar10
@@ -65,9 +65,9 @@ except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
     from common import (  # type: ignore[no-redef]
         Batches,
         accuracy,
-        cosine_schedule,
         paired_latency,
         params,
+        train_sgd,
         vgg_cnn,
     )
     from data import load_cifar10  # type: ignore[no-redef]
@@ -130,23 +130,7 @@ MODELS: dict[str, Callable[[argparse.Namespace], nn.Module]] = {
 
 
 # ----------------------------------------------------------------------------- training
-def train(model: nn.Module, data: Batches, epochs: int, lr: float) -> float:
-    """SGD + cosine schedule for ``epochs``; returns the wall seconds."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
-                          nesterov=True)
-    sched = cosine_schedule(opt, max(1, epochs * len(data)))
-    start = time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        for x, y in data:
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            if not torch.isfinite(loss):
-                raise RuntimeError("training diverged (non-finite loss); lower --lr")
-            loss.backward()
-            opt.step()
-            sched.step()
-    return time.perf_counter() - start
+train = train_sgd  # the shared training loop (benchmarks/common.py)
 
 
 # ----------------------------------------------------------------------------- pruning

@@ -31,22 +31,21 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import neuroexapt
 from neuroexapt.relax import choices, discretize, kernel_candidates, relax, search
 
 try:
-    from benchmarks.common import Batches, accuracy, cosine_schedule, params, vgg_cnn
+    from benchmarks.common import Batches, accuracy, params, train_sgd, vgg_cnn
     from benchmarks.data import load_cifar10
     from benchmarks.machine import machine
 except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
     from common import (  # type: ignore[no-redef]
         Batches,
         accuracy,
-        cosine_schedule,
         params,
+        train_sgd,
         vgg_cnn,
     )
     from data import load_cifar10  # type: ignore[no-redef]
@@ -84,23 +83,7 @@ def fixed(width: int, x: torch.Tensor, arch: dict[str, int], seed: int) -> nn.Mo
     return model
 
 
-def train(model: nn.Module, data: Batches, epochs: int, lr: float) -> float:
-    """SGD + cosine schedule; returns the wall seconds."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
-                          nesterov=True)
-    sched = cosine_schedule(opt, max(1, epochs * len(data)))
-    start = time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        for xb, yb in data:
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            if not torch.isfinite(loss):
-                raise RuntimeError("training diverged (non-finite loss); lower --lr")
-            loss.backward()
-            opt.step()
-            sched.step()
-    return time.perf_counter() - start
+train = train_sgd  # the shared training loop (benchmarks/common.py)
 
 
 def describe(model: nn.Module) -> str:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 __all__ = ["Batches", "accuracy", "augment", "conv_widths", "cosine_schedule", "evaluate",
-           "paired_latency", "params", "vgg_cnn"]
+           "paired_latency", "params", "train_sgd", "vgg_cnn"]
 
 
 def vgg_cnn(width: int, classes: int = 10, *, pool_last: bool = True,
@@ -136,3 +136,25 @@ def paired_latency(models: Sequence[nn.Module], x: torch.Tensor, repeats: int,
             i = (r + j) % k
             times[i].append(_time(models[i], x))
     return [statistics.median(t) for t in times]
+
+
+def train_sgd(model: nn.Module, data: Batches, epochs: int, lr: float) -> float:
+    """SGD (momentum 0.9, Nesterov, weight decay 5e-4) with a cosine schedule for ``epochs``;
+    returns the wall seconds."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
+                          nesterov=True)
+    sched = cosine_schedule(opt, max(1, epochs * len(data)))
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for x, y in data:
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            if not torch.isfinite(loss):
+                raise RuntimeError("training diverged (non-finite loss); lower --lr")
+            loss.backward()
+            opt.step()
+            sched.step()
+    return time.perf_counter() - start
