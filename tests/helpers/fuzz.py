@@ -242,16 +242,54 @@ def run(models: int, seed: int = 0) -> tuple[Counter[str], list[str]]:
     return counts, failures
 
 
+def numerics(models: int, seed: int = 0) -> dict[str, list[float]]:
+    """Max relative output error (max |after - before| / max |before|) of every committed
+    function-preserving edit (``widen`` by splitting, ``deepen``), in float32 and float64."""
+    errors: dict[str, list[float]] = {"float32": [], "float64": []}
+    for s in range(seed, seed + models):
+        for dtype, key in ((torch.float32, "float32"), (torch.float64, "float64")):
+            model, _ = random_model(s)
+            for layer in layers_of(model):
+                for edit in ("widen", "deepen"):
+                    m, xs = random_model(s)
+                    m = m.to(dtype)
+                    xs = tuple(t.to(dtype) if t.is_floating_point() else t for t in xs)
+                    before = m(*xs).detach()
+                    try:
+                        if edit == "widen":
+                            group = neuroexapt.trace(m, xs).group_of(layer)
+                            if group.sums:
+                                continue  # only approximately function-preserving
+                            by = group.size if group.normalizers else \
+                                2 * group.segments * group.atom
+                            neuroexapt.widen(m, layer, by, example_inputs=xs)
+                        else:
+                            neuroexapt.deepen(m, layer, example_inputs=xs)
+                    except NeuroExaptError:
+                        continue
+                    after = m(*xs).detach()
+                    scale = before.abs().max().clamp(min=1e-30)
+                    errors[key].append(float((after - before).abs().max() / scale))
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--numerics", type=int, default=0,
+                   help="also measure the output error of widen/deepen on this many models")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
     counts, failures = run(args.models, args.seed)
     print(f"{args.models} models, {sum(counts.values())} cases: {dict(counts)} in "
           f"{time.perf_counter() - start:.0f} s")
+    if args.numerics:
+        for key, values in numerics(args.numerics, args.seed).items():
+            values.sort()
+            print(f"{key}: {len(values)} function-preserving edits, max relative error "
+                  f"median {values[len(values) // 2]:.2e}, max {values[-1]:.2e}")
     for f in failures:
         print(f)
     return 1 if failures else 0
