@@ -141,7 +141,7 @@ def prune_neuroexapt(model: nn.Module, data: Batches, amount: float,
         batches = [(x[:64], y[:64]) for x, y in batches]
         torch.set_num_threads(args.latency_threads)
     try:
-        neuroexapt.prune_to(model, batches, amount, by=by, score="information",
+        neuroexapt.prune_to(model, batches, amount, by=by, score=args.score,
                             steps=args.steps, batches=len(batches),
                             allocation=args.allocation)
     finally:
@@ -372,6 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resnet-width", type=int, default=16, help="first width of ResNet-20")
     p.add_argument("--steps", type=int, default=5, help="rounds of neuroexapt.prune_to")
     p.add_argument("--score-batches", type=int, default=8)
+    p.add_argument("--score", default="information", choices=["information", "norm"],
+                   help="prune_to's unit score")
     p.add_argument("--allocation", default="global", choices=["global", "uniform"],
                    help="prune_to's allocation of the cut among layers")
     p.add_argument("--latency-arm", action="store_true",
