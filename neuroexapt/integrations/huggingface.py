@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from neuroexapt.errors import ConfigError
+from neuroexapt.integrations.policy import GrowthStep
 
 try:
     from transformers import TrainerCallback
@@ -80,30 +81,27 @@ class DNMTrainerCallback(TrainerCallback):
 
     def __init__(self, config: Any = None, *, monitor: str = "eval_loss", mode: str = "min",
                  **dnm_options: Any) -> None:
-        if mode not in ("max", "min"):
-            raise ConfigError(f"mode must be 'max' or 'min', got {mode!r}")
-        from neuroexapt.policy.config import DNMConfig
-
-        self.config = DNMConfig.from_dict(config)  # a bad key fails here
-        self.monitor, self.mode, self.options = monitor, mode, dnm_options
-        self.dnm: Any = None
+        self.growth = GrowthStep(config, monitor, mode, dnm_options)  # checks config and mode
+        self.monitor = monitor
         self.results: list[dict[str, Any]] = []
+
+    @property
+    def dnm(self) -> Any:
+        """The :class:`~neuroexapt.core.DNMFramework` while training runs."""
+        return self.growth.dnm
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        optimizer: Any = None, train_dataloader: Any = None,
                        **kwargs: Any) -> None:
-        from neuroexapt.core import DNMFramework
-
         if str(getattr(args, "eval_strategy", "no")).lower().endswith("no"):
             raise ConfigError("DNMTrainerCallback decides after evaluations: set "
                               "TrainingArguments(eval_strategy='epoch') (or 'steps') and an "
                               "eval_dataset")
         assert model is not None
-        options = dict(self.options)
-        if "example_inputs" not in options and train_dataloader is not None:
-            options["example_inputs"] = _main_input(model, next(iter(train_dataloader)))
-        self.dnm = DNMFramework(model, self.config, optimizer=_torch_optimizer(optimizer),
-                                **options)
+        extra: dict[str, Any] = {"optimizer": _torch_optimizer(optimizer)}
+        if "example_inputs" not in self.growth.options and train_dataloader is not None:
+            extra["example_inputs"] = _main_input(model, next(iter(train_dataloader)))
+        self.growth.start(model, **extra)
 
     def on_evaluate(self, args: Any, state: Any, control: Any,
                     metrics: dict[str, float] | None = None, optimizer: Any = None,
@@ -113,19 +111,11 @@ class DNMTrainerCallback(TrainerCallback):
         if self.monitor not in metrics:
             raise ConfigError(f"DNMTrainerCallback monitors '{self.monitor}', which the "
                               f"evaluation does not report; reported: {sorted(metrics)}")
-        value = float(metrics[self.monitor]) * (1.0 if self.mode == "max" else -1.0)
         epoch = round(state.epoch or 0) or len(self.results) + 1
-        self.dnm.optimizer = _torch_optimizer(optimizer)
-        self.dnm.update_caches()
-        self.dnm.record_performance(value)
-        go, _ = self.dnm.should_trigger_morphogenesis(epoch)
-        if go:
-            result = self.dnm.execute_morphogenesis(epoch)
+        result = self.growth.after_evaluation(epoch, float(metrics[self.monitor]),
+                                              _torch_optimizer(optimizer))
+        if result is not None:
             self.results.append(result)
-            logger.info("epoch %d: %d changes, parameters %d -> %d", epoch,
-                        len(result["events"]), result["parameters_before"],
-                        result["parameters_after"])
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.dnm is not None:
-            self.dnm.close()
+        self.growth.close()

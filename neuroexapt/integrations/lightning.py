@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from neuroexapt.errors import ConfigError
+from neuroexapt.integrations.policy import GrowthStep
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -59,19 +60,17 @@ class DNMCallback(Callback):
 
     def __init__(self, config: Any = None, *, monitor: str = "val_acc", mode: str = "max",
                  attr: str | None = None, **dnm_options: Any) -> None:
-        if mode not in ("max", "min"):
-            raise ConfigError(f"mode must be 'max' or 'min', got {mode!r}")
-        from neuroexapt.policy.config import DNMConfig
-
-        self.config = DNMConfig.from_dict(config)  # a bad key fails here, not at a trigger
-        self.monitor, self.mode, self.attr, self.options = monitor, mode, attr, dnm_options
-        self.dnm: Any = None
+        self.growth = GrowthStep(config, monitor, mode, dnm_options)  # checks config and mode
+        self.monitor, self.attr = monitor, attr
         self._restore: tuple[LightningModule, Any] | None = None
+
+    @property
+    def dnm(self) -> Any:
+        """The :class:`~neuroexapt.core.DNMFramework` while ``fit`` runs."""
+        return self.growth.dnm
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        from neuroexapt.core import DNMFramework
-
         model = self._model(pl_module)
         # resuming: Lightning calls the module's on_load_checkpoint just before it loads the
         # weights (callbacks hear of the checkpoint only afterwards), so the history is
@@ -84,8 +83,7 @@ class DNMCallback(Callback):
 
         pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
         self._restore = (pl_module, own)
-        if self.dnm is None:
-            self.dnm = DNMFramework(model, self.config, **self.options)
+        self.growth.start(model)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or self.dnm is None or \
@@ -96,18 +94,10 @@ class DNMCallback(Callback):
             raise ConfigError(f"DNMCallback monitors '{self.monitor}', which the module does not "
                               f"log; logged: {sorted(trainer.callback_metrics)}. Log it with "
                               f"self.log('{self.monitor}', ...) in validation_step")
-        metric = float(value) * (1.0 if self.mode == "max" else -1.0)
-        epoch = trainer.current_epoch + 1
-        self.dnm.optimizer = self._optimizer(trainer)
-        self.dnm.update_caches()
-        self.dnm.record_performance(metric)
-        go, reasons = self.dnm.should_trigger_morphogenesis(epoch)
-        if not go:
+        result = self.growth.after_evaluation(trainer.current_epoch + 1, float(value),
+                                              self._optimizer(trainer))
+        if result is None:
             return
-        result = self.dnm.execute_morphogenesis(epoch)
-        logger.info("epoch %d: %d changes, parameters %d -> %d (%s)", epoch,
-                    len(result["events"]), result["parameters_before"],
-                    result["parameters_after"], "; ".join(reasons[:2]))
         for lg in trainer.loggers:
             lg.log_metrics({"dnm/parameters": float(result["parameters_after"]),
                             "dnm/changes": float(len(result["events"]))},
@@ -128,9 +118,7 @@ class DNMCallback(Callback):
             module = self._restore[0]
             module.__dict__.pop("on_load_checkpoint", None)  # back to the class's method
             self._restore = None
-        if self.dnm is not None:
-            self.dnm.close()
-            self.dnm = None
+        self.growth.close()
 
     # ------------------------------------------------------------------ helpers
     def _model(self, pl_module: LightningModule) -> nn.Module:
