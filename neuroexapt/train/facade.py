@@ -318,7 +318,7 @@ class NeuroExapt:
         return records
 
     def prune_to(self, amount: float, *, data: Iterable[Batch], by: str = "parameters",
-                 score: str = "information", steps: int = 5,
+                 score: str = "information", steps: int = 5, allocation: str = "global",
                  optimizer: torch.optim.Optimizer | None = None) -> PruneResult:
         """Remove the units carrying the least information per cost until ``by`` falls by
         ``amount`` (see :func:`neuroexapt.prune_to`; the loss follows ``task_type``).
@@ -329,7 +329,8 @@ class NeuroExapt:
         batches = list(_take(data, 8))
         before = self._outputs()
         result = prune_to(model, batches, amount, by=by, score=score, loss_fn=loss,
-                          batches=len(batches) or 1, steps=steps, optimizer=optimizer)
+                          batches=len(batches) or 1, steps=steps, allocation=allocation,
+                          optimizer=optimizer)
         if result.records:
             self._pending_kl += self._kl_since(before)
             self.measure(batches)
