@@ -185,9 +185,12 @@ def train_command(config: str | None, resume: str | None, progress: bool = True)
         ckpt = neuroexapt.load(last, factory, lambda m: _optimizer(cfg, m))
         model, optimizer = ckpt
         assert optimizer is not None
-        policy_state = ckpt.policy_state
+        state = ckpt.policy_state or {}
+        done = int(state.get("epoch", 0))  # the epoch the checkpoint was written after
+        policy_state = state.get("dnm")
         rows = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x]
-        start_epoch = (int(rows[-1]["epoch"]) + 1) if rows else 1
+        rows = [r for r in rows if int(r["epoch"]) <= done]  # a kill between the two writes
+        start_epoch = done + 1
     else:
         model = factory()
         optimizer = _optimizer(cfg, model)
@@ -242,7 +245,7 @@ def train_command(config: str | None, resume: str | None, progress: bool = True)
                 dnm.execute_morphogenesis(epoch)
         params = sum(p.numel() for p in model.parameters())
         sink.log(epoch, train_loss=loss, val_accuracy=acc, parameters=params)
-        neuroexapt.save(model, run / "last.pt", optimizer, policy=dnm)
+        neuroexapt.save(model, run / "last.pt", optimizer, policy=_RunState(epoch, dnm))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(val=f"{acc:.3f}", params=params)
     sink.close()
@@ -268,6 +271,18 @@ def _fit_trainer(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
         sink.log(i + 1, train_loss=history["train_loss"][i],
                  val_accuracy=history["val_metric"][i], parameters=history["parameters"][i])
     neuroexapt.save(model, run / "last.pt", trainer.optimizer)
+
+
+class _RunState:
+    """What a run's checkpoint keeps besides the model: the epoch it was written after, and
+    DNM's state (``neuroexapt.save(..., policy=)``)."""
+
+    def __init__(self, epoch: int, dnm: Any) -> None:
+        self.epoch, self.dnm = epoch, dnm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch,
+                "dnm": self.dnm.state_dict() if self.dnm is not None else None}
 
 
 def report_command(run_dir: str) -> int:

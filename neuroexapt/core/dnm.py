@@ -521,6 +521,10 @@ class DNMFramework:
             "boosted": boosted,
             "events": [e.to_dict() for e in self.events.events],
             "generator": self.division._gen.get_state(),
+            # the recorder's sampling, so that a resumed run records what an uninterrupted one
+            # records: which pass is due next, and the generator of its samples
+            "recorder": {"steps": self.recorder.steps, "due": self.recorder._due,
+                         "generator": self.recorder._gen.get_state()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -553,6 +557,11 @@ class DNMFramework:
                 self.boost._hook(self.optimizer)
             self.events.events = [MorphogenesisEvent(**e) for e in state["events"]]
             self.division._gen.set_state(state["generator"])
+            recorder = state.get("recorder")  # absent in checkpoints of earlier versions
+            if recorder:
+                self.recorder.steps = int(recorder["steps"])
+                self.recorder._due = bool(recorder["due"])
+                self.recorder._gen.set_state(recorder["generator"])
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"not a DNMFramework state (or one of another model): {e!r}") \
                 from e
