@@ -210,26 +210,30 @@ class Trainer:
         best, pending = -math.inf, None
         bar = _bar(range(1, epochs + 1), self.progress)
         fresh = False  # the facade's report describes the model as it is
-        for epoch in bar:
-            train_loss = self._train_epoch(train_loader)
-            self._recalibrate(train_loader)
-            val_loss, metric = broadcast(self._validate(val))  # rank 0's decides for all
-            pending = self._maybe_rollback(pending, metric, val)
-            if metric > best and self.checkpoint_dir is not None:
-                best = metric
-                if rank() == 0:
-                    self._checkpoint()
-            fresh = False
-            if self.ne.history or self.ne.importance_metric is not None:
-                self.ne.measure(val)  # monitor values and the importance of this epoch
-                fresh = True
-            pruned = 0
-            if epoch % self.evolve_every == 0 and epoch < epochs:
-                pending, pruned = self._evolve(epoch, epochs, val, metric)
-                fresh = fresh and pending is None
-            self._log(train_loss, val_loss, metric, epoch, epochs, pruned)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(val=f"{metric:.4f}", params=count_parameters(self.model))
+        try:  # an error mid-run (a NaN loss, the user's model) leaves no gate behind
+            for epoch in bar:
+                train_loss = self._train_epoch(train_loader)
+                self._recalibrate(train_loader)
+                val_loss, metric = broadcast(self._validate(val))  # rank 0's decides for all
+                pending = self._maybe_rollback(pending, metric, val)
+                if metric > best and self.checkpoint_dir is not None:
+                    best = metric
+                    if rank() == 0:
+                        self._checkpoint()
+                fresh = False
+                if self.ne.history or self.ne.importance_metric is not None:
+                    self.ne.measure(val)  # monitor values and the importance of this epoch
+                    fresh = True
+                pruned = 0
+                if epoch % self.evolve_every == 0 and epoch < epochs:
+                    pending, pruned = self._evolve(epoch, epochs, val, metric)
+                    fresh = fresh and pending is None
+                self._log(train_loss, val_loss, metric, epoch, epochs, pruned)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(val=f"{metric:.4f}", params=count_parameters(self.model))
+        except BaseException:
+            self._absorb()
+            raise
         self._absorb()
         if not fresh:  # ne.prune_layers() and friends measure the trained model when called
             self.ne.measure_later(val)
