@@ -360,8 +360,8 @@ def _plan_width(model: nn.Module, inputs: tuple[Any, ...], name: str, value: Any
     elif group.mixed:
         reason = (f"{', '.join(group.normalizers + group.extrema + group.sums)} combine the "
                   "units, so a masked unit is not a removed one")
-    elif group.segments > 1 or group.atom > 1:
-        reason = "the units form equal segments or attention heads"
+    elif group.segments > 1:
+        reason = "the units form equal segments (GroupNorm groups, grouped convolutions)"
     elif any(m.role == "custom" for m in group.members):
         reason = "a layer handler resizes these units"
     readers = [m for m in group.members if m.role == "in" and m.tensor]
@@ -369,12 +369,17 @@ def _plan_width(model: nn.Module, inputs: tuple[Any, ...], name: str, value: Any
         reason = "no weight reads these units"
     if reason is not None:
         raise ConfigError(f"relax: a width choice on '{name}' is not possible: {reason}")
-    widths = default_widths(group.size) if isinstance(value, str) else value.get("widths")
+    atom = group.atom  # attention heads: whole heads are kept or masked
+    widths = [w * atom for w in default_widths(group.size // atom)] \
+        if isinstance(value, str) else value.get("widths")
     if not isinstance(widths, Sequence) or not widths or any(
             isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= group.size
             for w in widths):
         raise ConfigError(f"relax: widths of '{name}' must be a non-empty list of ints in "
                           f"1..{group.size}, got {widths!r}")
+    if any(w % atom for w in widths):
+        raise ConfigError(f"relax: the units of '{name}' form attention heads of {atom}; "
+                          f"widths must be multiples of {atom}, got {list(widths)}")
     widths = sorted(set(widths))
     for m in readers:
         owner = model.get_submodule(m.module) if m.module else model

@@ -269,3 +269,36 @@ def test_edits_refuse_a_relaxed_model_until_it_is_discretised() -> None:
         relax(model, {"0": "width"}, example_inputs=x)
     discretize(model)
     neuroexapt.narrow(model, "2", remove=[0], example_inputs=x)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.q, self.k, self.v = (nn.Linear(16, 16) for _ in range(3))
+        self.o, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = self.embed(x)
+        q, k, v = (f(h).view(b, s, -1, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.head(self.o(att.transpose(1, 2).reshape(b, s, -1)).mean(1))
+
+
+def test_a_width_choice_over_attention_heads_keeps_whole_heads() -> None:
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(2, 5, 6)
+    with pytest.raises(ConfigError, match="multiples of 4"):
+        relax(model, {"q": {"widths": [6, 16]}}, example_inputs=x)
+    relax(model, {"q": "width"}, example_inputs=x)
+    choice = choices(model)["q"]
+    assert isinstance(choice, WidthChoice) and all(w % 4 == 0 for w in choice.widths)
+    with torch.no_grad():
+        choice.alpha.zero_()
+        choice.alpha[0] = 3.0  # the narrowest: whole heads kept
+    hard = model.eval()(x)
+    discretize(model)
+    assert model.q.out_features == model.k.out_features == model.v.out_features == \
+        choice.widths[0]
+    assert_same_function(hard, model(x), x)
