@@ -29,8 +29,8 @@ from neuroexapt.optim import migrate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atom_norms", "atom_units", "narrow", "narrow_many", "unit_entries", "unit_norms",
-           "widen"]
+__all__ = ["atom_norms", "atom_units", "narrow", "narrow_many", "per_atom", "unit_entries",
+           "unit_norms", "widen"]
 
 Strategy = Literal["split", "zero"]
 
@@ -85,9 +85,14 @@ def _check_units(group: Group, units: Sequence[int], what: str) -> list[int]:
     return out
 
 
+def per_atom(values: torch.Tensor, atom: int) -> torch.Tensor:
+    """Per-unit ``values`` summed over each run of ``atom`` units (an attention head)."""
+    return values.reshape(-1, atom).sum(1) if atom > 1 else values
+
+
 def atom_norms(model: nn.Module, group: Group) -> torch.Tensor:
     """:func:`unit_norms` summed over each run of ``group.atom`` units (a head)."""
-    return unit_norms(model, group).view(-1, group.atom).sum(1)
+    return per_atom(unit_norms(model, group), group.atom)
 
 
 def atom_units(group: Group, atoms: Sequence[int]) -> list[int]:

@@ -15,7 +15,7 @@ from neuroexapt.graph import Group, trace
 from neuroexapt.metrics.collector import LayerStats
 from neuroexapt.metrics.layer_metrics import unit_scores
 from neuroexapt.ops import EditRecord, unit_norms, widen
-from neuroexapt.ops.resize import atom_units, split_plan
+from neuroexapt.ops.resize import atom_units, per_atom, split_plan
 from neuroexapt.policy.config import DIVISION_STRATEGIES
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class AdaptiveNeuronDivision:
         per = group.size // group.segments // a
         k = max(1, round(self.fraction * per)) if count is None else \
             max(1, math.ceil(count / group.segments / a))
-        scores = self.scores(model, group, stats).reshape(-1, a).sum(1)
+        scores = per_atom(self.scores(model, group, stats), a)
         chosen: list[int] = []
         for s in range(group.segments):
             seg = scores[s * per : (s + 1) * per]

@@ -72,7 +72,7 @@ from neuroexapt.metrics.collector import model_output
 from neuroexapt.metrics.cost import count_macs, measure_latency
 from neuroexapt.ops import EditRecord, narrow_many
 from neuroexapt.ops.edit import count_parameters
-from neuroexapt.ops.resize import atom_units, unit_entries, unit_norms
+from neuroexapt.ops.resize import atom_units, per_atom, unit_entries, unit_norms
 from neuroexapt.ops.transaction import transaction
 
 logger = logging.getLogger(__name__)
@@ -269,17 +269,20 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
     # the estimate of what a unit saves is scaled so that the estimates add up to the total;
     # units in attention heads are ranked, and removed, by whole heads
     scale = current / max(estimated, 1e-12)
-    head_score = {g.id: _per_atom(scores[g.id], g.atom) for g in groups}
-    head_cost = {g.id: _per_atom(costs[g.id], g.atom) for g in groups}
+    head_score = {g.id: per_atom(scores[g.id], g.atom) for g in groups}
+    head_cost = {g.id: per_atom(costs[g.id], g.atom) for g in groups}
     ranked = sorted((float(head_score[g.id][a]) / max(float(head_cost[g.id][a]), 1e-30),
                      g.id, a)
                     for g in groups for a in range(g.size // g.atom))
     caps = {g.id: min(g.size // g.atom - 1, int(max_fraction * g.size // g.atom))
             for g in groups}
+    order: dict[int, list[int]] = {g.id: [] for g in groups}  # each group's, cheapest first
+    for _, gid, unit in ranked:
+        order[gid].append(unit)
     chosen: dict[int, list[int]] = {g.id: [] for g in groups}
     by_id = {g.id: g for g in groups}
     if allocation == "uniform":
-        chosen = _uniform(groups, ranked, head_cost, scale, need, max_fraction, caps,
+        chosen = _uniform(groups, order, head_cost, scale, need, max_fraction, caps,
                           round_to if round_to is not None else 1, rounded, ideal)
     saved = 0.0
     for _, gid, unit in ranked if allocation == "global" else ():
@@ -289,7 +292,6 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
             chosen[gid].append(unit)
             saved += float(head_cost[gid][unit]) * scale
     if round_to is not None and allocation == "global":
-        order = {g.id: [u for _, gid, u in ranked if gid == g.id] for g in groups}
         chosen.update(_rounded({k: v for k, v in chosen.items()
                                 if rounded & set(by_id[k].producers) and by_id[k].atom == 1},
                                {g.id: g.size for g in groups}, order, round_to))
@@ -314,7 +316,7 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
     return records, sum(len(u) for layer, u in remove.items() if layer in done)
 
 
-def _uniform(groups: list[Group], ranked: list[tuple[float, int, int]],
+def _uniform(groups: list[Group], order: dict[int, list[int]],
              cost: dict[int, torch.Tensor], scale: float, need: float, max_fraction: float,
              caps: dict[int, int], step: int, rounded: set[str], ideal: dict[str, float]
              ) -> dict[int, list[int]]:
@@ -333,7 +335,7 @@ def _uniform(groups: list[Group], ranked: list[tuple[float, int, int]],
             unit = step if key in rounded else 1
             keep = max(unit, round(target / unit) * unit) if unit > 1 else max(1, round(target))
             k = min(caps[g.id], max(0, atoms - keep))
-            chosen[g.id] = [u for _, gid, u in ranked if gid == g.id][:k]
+            chosen[g.id] = order[g.id][:k]
         if any(chosen.values()) or share >= max_fraction:
             break
         share = min(max_fraction, 2 * share)
@@ -341,11 +343,6 @@ def _uniform(groups: list[Group], ranked: list[tuple[float, int, int]],
         key = g.producers[0]
         ideal[key] = ideal.get(key, float(g.size // g.atom)) * (1.0 - share)
     return chosen
-
-
-def _per_atom(values: torch.Tensor, atom: int) -> torch.Tensor:
-    """Per-unit ``values`` summed over each run of ``atom`` units (an attention head)."""
-    return values.reshape(-1, atom).sum(1) if atom > 1 else values
 
 
 def _rounded(chosen: dict[int, list[int]], sizes: dict[int, int], order: dict[int, list[int]],
