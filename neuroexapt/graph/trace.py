@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ModelGraph", "in_model_dtype", "resolve_layer", "trace"]
 
+# set on a model while it holds relaxed choices (neuroexapt.relax): edits refuse it
+RELAXED_ATTR = "_neuroexapt_relax_hook"
+
 _HOW_TO_REGISTER = (
     "register a handler with neuroexapt.register_handler(<LayerType>, "
     "neuroexapt.graph.PerUnitHandler(...) | ProducerHandler(...) | ElementwiseHandler())"
@@ -217,7 +220,7 @@ def trace(
         TraceError: torch.fx cannot trace the model, or it fails on ``example_inputs``.
     """
     register_third_party()
-    if getattr(model, "_neuroexapt_relax_hook", None) is not None:
+    if getattr(model, RELAXED_ATTR, None) is not None:
         raise TraceError(f"{type(model).__name__} has relaxed choices (neuroexapt.relax): "
                          "discretize it first (neuroexapt.relax.discretize(model)), then edit")
     inputs = in_model_dtype(model, (example_inputs,) if isinstance(

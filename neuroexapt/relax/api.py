@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 from neuroexapt.errors import ConfigError, LayerNotFoundError
 from neuroexapt.graph import resolve_layer, trace
 from neuroexapt.graph.groups import Member
+from neuroexapt.graph.trace import RELAXED_ATTR
 from neuroexapt.metrics.cost import count_macs, measure_latency
 from neuroexapt.ops.edit import run_edit
 from neuroexapt.ops.history import inputs_for, remember_inputs
@@ -65,7 +66,7 @@ __all__ = ["arch_parameters", "choices", "discretize", "expected_cost", "kernel_
            "relax",
            "set_temperature", "weight_parameters"]
 
-_HOOK_ATTR = "_neuroexapt_relax_hook"  # also marks a relaxed model: edits refuse it
+_HOOK_ATTR = RELAXED_ATTR  # the resampling hook's handle marks a relaxed model
 
 
 def relax(model: nn.Module, spec: Mapping[str, Any], *, example_inputs: Any = None,
@@ -383,6 +384,10 @@ def _plan_width(model: nn.Module, inputs: tuple[Any, ...], name: str, value: Any
     widths = sorted(set(widths))
     for m in readers:
         owner = model.get_submodule(m.module) if m.module else model
+        if parametrize.is_parametrized(owner, m.tensor):
+            raise ConfigError(f"relax: '{m.path}' reads the units of '{name}' and is already "
+                              "parametrized (torch.nn.utils.parametrize); a width mask would "
+                              "be removed with it: remove that parametrization first")
         if not isinstance(getattr(owner, m.tensor, None), nn.Parameter):
             raise ConfigError(f"relax: '{m.path}' reads the units of '{name}' but is not a "
                               "parameter that can be masked")
@@ -443,10 +448,11 @@ def _install_hook(model: nn.Module) -> None:
     if getattr(model, _HOOK_ATTR, None) is not None:
         return
 
+    widths = [c for c in choices(model).values() if isinstance(c, WidthChoice)]
+
     def resample(module: nn.Module, args: Any) -> None:
-        for choice in choices(module).values():
-            if isinstance(choice, WidthChoice):
-                choice.resample()
+        for choice in widths:  # fixed until discretize: relax refuses a relaxed model
+            choice.resample()
 
     object.__setattr__(model, _HOOK_ATTR, model.register_forward_pre_hook(resample))
 
@@ -491,9 +497,12 @@ def _discretize_widths(model: nn.Module, widths: list[WidthChoice], inputs: tupl
     """Remove every width mask, then narrow each group to its most probable width; the
     outputs must equal those of the masked model in evaluation mode."""
     reference = reference_outputs(model, inputs)
+    # only the tensors relax masked (it refuses tensors that hold other parametrizations)
     for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            for tensor in list(module.parametrizations.keys()):  # type: ignore[union-attr]
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor, plist in list(module.parametrizations.items()):  # type: ignore[union-attr]
+            if any(isinstance(p, InputMask) for p in plist):
                 parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
     for choice in widths:
         width = choice.widths[choice.index]

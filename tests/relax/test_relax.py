@@ -302,3 +302,19 @@ def test_a_width_choice_over_attention_heads_keeps_whole_heads() -> None:
     assert model.q.out_features == model.k.out_features == model.v.out_features == \
         choice.widths[0]
     assert_same_function(hard, model(x), x)
+
+
+def test_a_weight_with_its_own_parametrization_is_left_alone() -> None:
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w.abs()
+
+    model, x = _cnn(), _batches()[0][0]
+    parametrize.register_parametrization(model[7], "weight", Positive())
+    relax(model, {"2": kernel_candidates(model[2], (3, 5))}, example_inputs=x)
+    discretize(model)
+    assert parametrize.is_parametrized(model[7], "weight")  # the user's own stays
+    with pytest.raises(ConfigError, match="already parametrized"):
+        relax(model, {"4.conv": "width"}, example_inputs=x)
