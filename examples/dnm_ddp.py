@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(os.path.dirname(args.save) or ".", exist_ok=True)
         neuroexapt.save(module, args.save)  # rank 0 only: every rank holds the same model
     dnm.close()
+    dist.barrier()  # every rank done before any closes its connections
     dist.destroy_process_group()
     return 0
 
