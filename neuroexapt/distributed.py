@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -33,8 +34,8 @@ from neuroexapt.errors import ConfigError, SurgeryError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["architecture_digest", "broadcast", "is_distributed", "rank", "rewrap",
-           "split_ddp", "synchronize"]
+__all__ = ["architecture_digest", "average_gradients", "broadcast", "broadcast_tensors",
+           "is_distributed", "rank", "rewrap", "split_ddp", "synchronize"]
 
 DDP = nn.parallel.DistributedDataParallel
 
@@ -56,6 +57,31 @@ def broadcast(value: Any) -> Any:
     box = [value if rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite every tensor, in place, with rank 0's (a no-op in one process)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` (parameters outside a DDP wrapper) over the ranks.
+
+    A parameter without a gradient on this rank counts as zero, so that every rank joins
+    every collective whatever its own batch reached.
+    """
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
 
 
 def split_ddp(model: nn.Module) -> tuple[nn.Module, Any]:
@@ -110,15 +136,11 @@ def synchronize(model: nn.Module, optimizer: torch.optim.Optimizer | None, since
         logger.info("rank %d: edits differ from rank 0's; replaying rank 0's", rank())
         snapshot.restore(model, optimizer)
         replay(model, list(theirs), optimizer=optimizer)
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
+    broadcast_tensors(list(model.parameters()) + list(model.buffers()))
     if optimizer is not None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                for value in optimizer.state.get(p, {}).values():
-                    if isinstance(value, torch.Tensor):
-                        dist.broadcast(value, src=0)
+        broadcast_tensors(value for group in optimizer.param_groups for p in group["params"]
+                          for value in optimizer.state.get(p, {}).values()
+                          if isinstance(value, torch.Tensor))
     digests: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, architecture_digest(model))
     if len(set(digests)) != 1:

@@ -51,7 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuroexapt.distributed import broadcast, is_distributed, rank, rewrap, split_ddp, synchronize
+from neuroexapt.distributed import (
+    average_gradients,
+    broadcast,
+    broadcast_tensors,
+    is_distributed,
+    rank,
+    rewrap,
+    split_ddp,
+    synchronize,
+)
 from neuroexapt.errors import AnalysisError, ConfigError, NeuroExaptError
 from neuroexapt.graph import trace
 from neuroexapt.metrics.estimators import label_entropy
@@ -181,10 +190,7 @@ class Trainer:
         units = sum(_units(self.model.get_submodule(n)) for n in names)
         # info_weight prices the mean information per gated unit, whatever the model's size
         self.ib = InformationBottleneck(self.model, names, self.info_weight / max(1, units))
-        if is_distributed():  # the same gates on every rank
-            with torch.no_grad():
-                for p in self.ib.parameters():
-                    torch.distributed.broadcast(p.data, src=0)
+        broadcast_tensors(self.ib.parameters())  # the same gates on every rank
         self._gate_opt = torch.optim.Adam(self.ib.parameters(), lr=max(self.lr, 1e-2))
 
     def _absorb(self) -> None:
@@ -271,8 +277,7 @@ class Trainer:
                 raise AnalysisError("the training loss is NaN or infinite; lower the learning "
                                     "rate or check the inputs")
             (loss + self.ib.regularizer()).backward()
-            if is_distributed():  # the gates are hooks, outside DDP: average their gradients
-                _average_gradients(list(self.ib.parameters()))
+            average_gradients(self.ib.parameters())  # the gates are hooks, outside DDP
             self.optimizer.step()
             self._gate_opt.step()
             total, batches = total + float(loss.detach()), batches + 1
@@ -572,15 +577,6 @@ def _check_search(model: nn.Module, epochs: int, options: dict[str, Any] | None,
     if epochs and "log_dir" not in options and checkpoint_dir is not None:
         options["log_dir"] = str(Path(checkpoint_dir) / "search")
     return epochs, options
-
-
-def _average_gradients(params: list[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the ranks."""
-    world = torch.distributed.get_world_size()
-    for p in params:
-        if p.grad is not None:
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= world
 
 
 def _args(x: Any) -> tuple[Any, ...]:
