@@ -37,6 +37,7 @@ import inspect
 import logging
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,12 +120,27 @@ def _positional(module: nn.Module, kwargs: dict[str, Any]) -> tuple[Any, ...]:
     first one missing, and never the labels): a call ``model(**batch)`` replayed as
     ``model(*inputs)``."""
     out = []
-    for name in inspect.signature(module.forward).parameters:
+    for name in _forward_names(module.forward):
         value = kwargs.get(name)
         if name in _NOT_INPUTS or not isinstance(value, torch.Tensor):
             break
         out.append(value)
     return tuple(out)
+
+
+_FORWARD_NAMES: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _forward_names(forward: Any) -> tuple[str, ...]:
+    """A forward's parameter names, read once per function for bound methods (the hot path:
+    every ``model(**batch)`` call)."""
+    func = getattr(forward, "__func__", None)
+    if func is None:
+        return tuple(inspect.signature(forward).parameters)
+    names = _FORWARD_NAMES.get(func)
+    if names is None:
+        names = _FORWARD_NAMES[func] = tuple(inspect.signature(forward).parameters)
+    return names
 
 
 class _Hook:
@@ -259,14 +275,14 @@ class TrainingRecorder:
     # ---------------------------------------------------------------- hooks
     def _on_start(self, module: nn.Module, args: tuple[Any, ...],
                   kwargs: dict[str, Any] | None = None) -> None:
-        if not args and kwargs:  # model(**batch): the inputs in the forward's order
-            args = _positional(module, kwargs)
         self._stash.clear()
         self._inputs.clear()
         self._recording = False
         if self._busy or not torch.is_grad_enabled() or (
                 self.modes == "train" and not module.training):
             return
+        if not args and kwargs:  # model(**batch): the inputs in the forward's order
+            args = _positional(module, kwargs)
         tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
         if not tensors or len(tensors) != len(args):
             return  # inputs that are not all tensors: nothing to replay later
