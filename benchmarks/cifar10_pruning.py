@@ -4,16 +4,18 @@ For each model (a wide VGG-style CNN and a CIFAR ResNet-20), one dense model is 
 copies of it are pruned to the same MAC targets (``--targets``, shares of the dense model's
 MACs removed) by two methods and fine-tuned with the same budget:
 
-* **neuroexapt**: :func:`neuroexapt.prune_to` with ``score="information"`` (the first-order
-  loss of target information, in nats, of removing each unit, per MAC saved; global ranking,
-  ``--steps`` rounds, scored on ``--score-batches`` training batches);
+* **neuroexapt**: :func:`neuroexapt.prune_to` with ``--score`` (default ``information``: the
+  first-order loss of target information, in nats, of removing each unit, per MAC saved;
+  ``norm``: group magnitude) and ``--allocation`` (``global`` ranking or ``uniform`` share),
+  ``--steps`` rounds, scored on ``--score-batches`` training batches;
 * **neuroexapt-latency** (``--latency-arm``): :func:`neuroexapt.prune_to` with
   ``by="latency"``: the same score per second saved, each module's latency measured on a batch
   of 64 with ``--latency-threads`` threads, until the measured latency falls by the target
   share (so its MACs differ from the other arms'; compare it by measured latency);
 * **torch-pruning**: ``torch_pruning.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)``
   (its default), uniform per-layer ratio, the ratio found by bisection so that the pruned
-  model has the same MACs (``neuroexapt.count_macs``) as the target;
+  model has the MACs (``neuroexapt.count_macs``) the neuroexapt model reached (closest from
+  above): the comparison at equal MACs;
 * **torch-pruning-latency** (with ``--latency-arm``): the same, at the ratio (of 0.05, 0.10,
   ..., 0.90) whose latency at batch 64 is closest to the neuroexapt-latency model's, all
   timed in one rotation (``--latency-threads`` threads): the comparison at equal measured
@@ -246,7 +248,10 @@ def run_model(name: str, split: tuple[torch.Tensor, ...], args: argparse.Namespa
             prune_s["neuroexapt-latency"] = time.perf_counter() - start
             pruned["neuroexapt-latency"] = fast
         start = time.perf_counter()
-        tp_model, ratio = prune_torch_pruning(dense, base["macs"] * (1 - amount), example)
+        # Torch-Pruning at the MACs prune_to reached (rounding to multiples of 8 can take it
+        # past the target): the comparison at equal MACs
+        tp_model, ratio = prune_torch_pruning(
+            dense, neuroexapt.count_macs(pruned["neuroexapt"], example), example)
         prune_s["torch-pruning"] = time.perf_counter() - start
         pruned["torch-pruning"], ratios = tp_model, {"torch-pruning": ratio}
         if args.latency_arm:

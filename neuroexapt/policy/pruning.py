@@ -15,7 +15,12 @@ transaction with one trace of the model:
   Taylor criterion of Molchanov et al., "Importance Estimation for Neural Network Pruning",
   CVPR 2019, and the Fisher pruning of Theis et al., 2018). Groups read by no parameter fall
   back to the unit's own weights (``"out"`` and ``"pass"`` members).
-* ``score="norm"``: the L2 norm of the unit's incoming weights (magnitude pruning).
+* ``score="norm"``: group magnitude, the L2 norm of every weight entry of the unit, those
+  that compute it (``"out"`` members) and those that read it (``"in"`` members, every
+  consumer included), biases left out, divided by the group's mean (Torch-Pruning's
+  ``GroupMagnitudeImportance(p=2)`` with its mean normaliser, Fang et al., "DepGraph", CVPR
+  2023). Behind a normalisation layer a unit's incoming weights say little (the layer
+  rescales them); the weights that read it carry its scale.
 
 ``cost`` is what removing the unit saves:
 
@@ -72,7 +77,7 @@ from neuroexapt.metrics.collector import model_output
 from neuroexapt.metrics.cost import count_macs, measure_latency
 from neuroexapt.ops import EditRecord, narrow_many
 from neuroexapt.ops.edit import count_parameters
-from neuroexapt.ops.resize import atom_units, per_atom, unit_entries, unit_norms
+from neuroexapt.ops.resize import atom_units, per_atom, unit_entries
 from neuroexapt.ops.transaction import transaction
 
 logger = logging.getLogger(__name__)
@@ -265,7 +270,7 @@ def _round(model: nn.Module, probe: list[Batch], example: tuple[torch.Tensor, ..
         costs = {g.id: unit_cost(model, g, by, positions) for g in groups}
         estimated = _estimated_total(model, by, positions)
     scores = (_information(model, groups, probe, loss_fn) if score == "information"
-              else {g.id: unit_norms(model, g).sqrt() for g in groups})
+              else _magnitude(model, groups))
     # the estimate of what a unit saves is scaled so that the estimates add up to the total;
     # units in attention heads are ranked, and removed, by whole heads
     scale = current / max(estimated, 1e-12)
@@ -501,6 +506,20 @@ def _information(model: nn.Module, groups: list[Group], probe: list[Batch],
             p.grad = grad
         model.train(was_training)
     return {gid: (s / len(probe)).sqrt() for gid, s in squares.items()}
+
+
+def _magnitude(model: nn.Module, groups: list[Group]) -> dict[int, torch.Tensor]:
+    """Each unit's group magnitude relative to its group's mean (see the module docstring)."""
+    out = {}
+    for g in groups:
+        total = torch.zeros(g.size, dtype=torch.float64)
+        for m in g.members:
+            t = _tensor(model, m) if m.role in ("out", "in") and m.tensor else None
+            if isinstance(t, nn.Parameter) and not m.tensor.endswith("bias"):
+                total += unit_entries(t.detach().double(), m, g.size).pow(2).sum(1).cpu()
+        norm = total.sqrt()
+        out[g.id] = norm / norm.mean().clamp_min(1e-30)
+    return out
 
 
 def _inputs(x: Any) -> tuple[torch.Tensor, ...]:

@@ -302,3 +302,21 @@ def test_uniform_allocation_cuts_every_layer_by_the_same_share(by: str) -> None:
     assert model(x).shape == (16, 10)
     with pytest.raises(ConfigError, match="allocation"):
         neuroexapt.prune_to(model, data, 0.3, allocation="layerwise")
+
+
+def test_the_magnitude_score_counts_the_weights_that_read_a_unit() -> None:
+    """Behind a BatchNorm a unit's incoming weights say nothing of its scale: units 0-3 have
+    the smallest incoming weights but the largest outgoing ones, and the group magnitude
+    (Torch-Pruning's, incoming and outgoing) keeps them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+                          nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(8, 6) * torch.tensor([.01] * 4 + [1.0] * 4)[:, None])
+        model[3].weight.copy_(torch.randn(3, 8) * torch.tensor([10.0] * 4 + [.01] * 4))
+    kept = model[3].weight.detach()[:, :4].clone()
+    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,)))]
+    neuroexapt.prune_to(model, data, 0.3, by="parameters", score="norm", round_to=None,
+                        steps=1, max_fraction=0.5)
+    assert model[0].out_features < 8
+    torch.testing.assert_close(model[3].weight.detach()[:, :4], kept)  # units 0-3 all kept
