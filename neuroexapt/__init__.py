@@ -31,6 +31,7 @@ from neuroexapt.ops import (
     load,
     narrow,
     remove_block,
+    restore,
     save,
     widen,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "prune_to",
     "register_handler",
     "remove_block",
+    "restore",
     "save",
     "trace",
     "widen",

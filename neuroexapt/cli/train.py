@@ -5,7 +5,9 @@
 Trainer (``method: trainer``) or plainly (``none``), and writes a run folder:
 ``history.jsonl`` and ``tensorboard/`` (per epoch), ``events.jsonl`` (DNM's changes),
 ``curves.png``, ``last.pt`` (model, optimizer and policy, :func:`neuroexapt.save`) and
-``config.yaml``. ``train --resume`` continues a run from its ``last.pt``. ``report RUN_DIR``
+``config.yaml``; a Trainer run also ``best.pt`` and, after every epoch, ``resume.pt``.
+``train --resume`` continues a run from its ``last.pt`` (a Trainer run from its
+``resume.pt``). ``report RUN_DIR``
 prints the events table and writes the plot again; ``analyze`` prints the bottleneck report
 of a model (optionally a checkpoint) on data.
 """
@@ -178,7 +180,7 @@ def train_command(config: str | None, resume: str | None, progress: bool = True)
     factory = build_model(cfg.model, cfg.model_args)
     x_tr, y_tr, x_va, y_va, x_te, y_te = build_data(cfg, seed)
     start_epoch, policy_state = 1, None
-    if resume:
+    if resume and cfg.method != "trainer":  # a Trainer resumes itself from its resume.pt
         last = run / "last.pt"
         if not last.exists():
             raise ConfigError(f"--resume {run}: no last.pt in the run folder")
@@ -212,10 +214,8 @@ def train_command(config: str | None, resume: str | None, progress: bool = True)
         if policy_state is not None:
             dnm.load_state_dict(policy_state)
     if cfg.method == "trainer":
-        if resume:
-            raise ConfigError("--resume continues DNM and plain runs; a Trainer run restarts "
-                              "from its best.pt (neuroexapt.load)")
-        _fit_trainer(cfg, model, optimizer, sink, run, epochs, (x_tr, y_tr), val, batch, seed)
+        _fit_trainer(cfg, model, optimizer, sink, run, epochs, (x_tr, y_tr), val, batch, seed,
+                     resume=resume is not None)
     epochs_range = range(start_epoch, epochs + 1) if cfg.method != "trainer" else range(0)
     bar: Any = epochs_range
     if progress:
@@ -262,11 +262,13 @@ def train_command(config: str | None, resume: str | None, progress: bool = True)
 def _fit_trainer(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  sink: RunLogger, run: Path, epochs: int,
                  train: tuple[torch.Tensor, torch.Tensor],
-                 val: list[tuple[torch.Tensor, torch.Tensor]], batch: int, seed: int) -> None:
-    """``method: trainer``: one ``Trainer.fit`` over every epoch (its schedule spans them)."""
+                 val: list[tuple[torch.Tensor, torch.Tensor]], batch: int, seed: int,
+                 resume: bool = False) -> None:
+    """``method: trainer``: one ``Trainer.fit`` over every epoch (its schedule spans them);
+    it writes its state after every epoch to ``resume.pt``, which ``--resume`` continues."""
     trainer = neuroexapt.Trainer(model=model, optimizer=optimizer, progress=False,
                                  checkpoint_dir=str(run), **cfg.trainer)
-    history = trainer.fit(_batches(*train, batch, seed), val, epochs=epochs)
+    history = trainer.fit(_batches(*train, batch, seed), val, epochs=epochs, resume=resume)
     for i in range(len(history["val_metric"])):
         sink.log(i + 1, train_loss=history["train_loss"][i],
                  val_accuracy=history["val_metric"][i], parameters=history["parameters"][i])

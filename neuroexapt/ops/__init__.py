@@ -1,6 +1,6 @@
 """Function-preserving edits of live models, their history and checkpoints."""
 
-from neuroexapt.ops.checkpoint import Checkpoint, load, replay, save
+from neuroexapt.ops.checkpoint import Checkpoint, load, replay, restore, save
 from neuroexapt.ops.deepen import deepen
 from neuroexapt.ops.history import EditRecord, get_history
 from neuroexapt.ops.remove import remove_block
@@ -18,6 +18,7 @@ __all__ = [
     "narrow_many",
     "remove_block",
     "replay",
+    "restore",
     "save",
     "unit_norms",
     "widen",

@@ -25,7 +25,7 @@ from neuroexapt.optim.named import load_named_state, named_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Checkpoint", "load", "replay", "save"]
+__all__ = ["Checkpoint", "load", "replay", "restore", "save"]
 
 _FORMAT = "neuroexapt-checkpoint"
 _VERSION = 1
@@ -154,25 +154,68 @@ def load(
         state saved with ``save(..., policy=...)`` (None without), for the policy's
         ``load_state_dict``.
     """
+    data = _read(path)
+    model = model_factory()
+    replay(model, [EditRecord.from_dict(r) for r in data["history"]])
+    _load_weights(model, data, path)
+    optimizer = None
+    if optimizer_factory is not None:
+        optimizer = optimizer_factory(model)
+        _load_optimizer(model, optimizer, data, path)
+    return Checkpoint(model, optimizer, _policy(data))
+
+
+@accepts_wrapped
+def restore(path: str | os.PathLike[str], model: nn.Module,
+            optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
+    """Resume in place: ``model`` (unedited, as built at the start of the run) and its
+    ``optimizer`` become what ``path`` holds; returns the saved policy state (or None).
+
+    The edits are replayed on ``model`` with ``optimizer`` following them, then the weights
+    and the optimizer's state are loaded, so the objects a training loop holds stay valid.
+
+    Raises:
+        CheckpointError: an unreadable or foreign file, a model already edited, edits or
+            weights that do not fit the model.
+    """
+    data = _read(path)
+    if get_history(model):
+        raise CheckpointError(f"restore('{path}', model): the model already holds "
+                              f"{len(get_history(model))} edits; pass the model as built at "
+                              "the start of the run")
+    replay(model, [EditRecord.from_dict(r) for r in data["history"]], optimizer=optimizer)
+    _load_weights(model, data, path)
+    if optimizer is not None:
+        _load_optimizer(model, optimizer, data, path)
+    return _policy(data)
+
+
+def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises various errors for unreadable or unsafe files
         raise CheckpointError(f"cannot read checkpoint '{path}': {e}") from e
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
         raise CheckpointError(f"'{path}' is not a NeuroExapt checkpoint")
-    model = model_factory()
-    replay(model, [EditRecord.from_dict(r) for r in data["history"]])
+    return data
+
+
+def _load_weights(model: nn.Module, data: dict[str, Any], path: Any) -> None:
     try:
         model.load_state_dict(data["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"weights in '{path}' do not fit the rebuilt model: {e}") from e
-    optimizer = None
-    if optimizer_factory is not None:
-        optimizer = optimizer_factory(model)
-        if "optimizer" in data:
-            try:
-                load_named_state(model, optimizer, data["optimizer"])
-            except NeuroExaptError as e:
-                raise CheckpointError(f"optimizer state in '{path}' does not fit: {e}") from e
+
+
+def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, data: dict[str, Any],
+                    path: Any) -> None:
+    if "optimizer" in data:
+        try:
+            load_named_state(model, optimizer, data["optimizer"])
+        except NeuroExaptError as e:
+            raise CheckpointError(f"optimizer state in '{path}' does not fit: {e}") from e
+
+
+def _policy(data: dict[str, Any]) -> dict[str, Any] | None:
     policy = data.get("policy")
-    return Checkpoint(model, optimizer, policy if isinstance(policy, dict) else None)
+    return policy if isinstance(policy, dict) else None

@@ -61,7 +61,7 @@ from neuroexapt.distributed import (
     split_ddp,
     synchronize,
 )
-from neuroexapt.errors import AnalysisError, ConfigError, NeuroExaptError
+from neuroexapt.errors import AnalysisError, CheckpointError, ConfigError, NeuroExaptError
 from neuroexapt.graph import trace
 from neuroexapt.metrics.estimators import label_entropy
 from neuroexapt.ops import narrow, remove_block, save
@@ -70,6 +70,7 @@ from neuroexapt.ops.history import get_history
 from neuroexapt.policy.rollback import Snapshot
 from neuroexapt.train.bottleneck import InformationBottleneck
 from neuroexapt.train.facade import NeuroExapt, facade_of
+from neuroexapt.train.resume import LAST, RunState, read_run, write_run
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ class Trainer:
         expand: also grow where information is lost.
         max_prune_fraction: largest share of a layer's units removed in one change.
         rollback_threshold: validation drop that rolls a change back.
-        checkpoint_dir: where ``best.pt`` (neuroexapt.save format) is written.
+        checkpoint_dir: where ``best.pt`` (neuroexapt.save format) is written, and after
+            every epoch ``resume.pt``, the run's state that ``fit(..., resume=True)`` continues
+            from (:mod:`neuroexapt.train.resume`).
         recalibrate_batches: training batches over which BatchNorm statistics are measured
             again with noise-free gates after every epoch (0: never).
         progress: show a tqdm progress bar when tqdm is installed.
@@ -200,21 +203,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, train_loader: Iterable[Batch], val_loader: Iterable[Batch],
-            epochs: int) -> dict[str, list[float]]:
-        """Train for ``epochs``; returns the per-epoch history."""
+            epochs: int, *, resume: bool | str | Path = False) -> dict[str, list[float]]:
+        """Train for ``epochs``; returns the per-epoch history.
+
+        ``resume``: ``True`` continues the run whose ``resume.pt`` is in ``checkpoint_dir`` (a
+        path names another ``resume.pt``): this Trainer must be built as at the start of that
+        run (the same, unedited model and optimizer), ``epochs`` is the run's total, and the
+        epochs after the checkpoint's are trained, from its state (see
+        :mod:`neuroexapt.train.resume`).
+        """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs must be a positive int, got {epochs!r}")
         self.model.to(self.device)
         val = [(_to(x, self.device), y.to(self.device)) for x, y in val_loader]
         if not val:
             raise AnalysisError("val_loader yielded no batch; pass a loader with data")
-        if self.search_epochs:
+        best, start, pending = -math.inf, 1, None
+        if resume is not False:
+            best, start, pending = self._resume(resume, _head(val[0][0]), epochs)
+        elif self.search_epochs:
             self._search(train_loader, _head(val[0][0]))
-        self._gate(_head(val[0][0]))
+        if self.ib is None:
+            self._gate(_head(val[0][0]))
         self.label_entropy = broadcast(label_entropy(torch.cat([y for _, y in val]).cpu())
                                        if self.ne.task_type == "classification" else None)
-        best, pending = -math.inf, None
-        bar = _bar(range(1, epochs + 1), self.progress)
+        bar = _bar(range(start, epochs + 1), self.progress)
         fresh = False  # the facade's report describes the model as it is
         try:  # an error mid-run (a NaN loss, the user's model) leaves no gate behind
             for epoch in bar:
@@ -235,6 +248,8 @@ class Trainer:
                     pending, pruned = self._evolve(epoch, epochs, val, metric)
                     fresh = fresh and pending is None
                 self._log(train_loss, val_loss, metric, epoch, epochs, pruned)
+                if self.checkpoint_dir is not None and rank() == 0:
+                    self._save_run(epoch, best, pending)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(val=f"{metric:.4f}", params=count_parameters(self.model))
         except BaseException:
@@ -472,6 +487,59 @@ class Trainer:
         else:
             self.feedback = min(1.0, self.feedback * 1.25)
         return None
+
+    def _resume(self, resume: bool | str | Path, example: Any, epochs: int
+                ) -> tuple[float, int, tuple[Snapshot, float] | None]:
+        """The model, optimizer, gates, scheduler, history and random state restored from
+        ``resume.pt``; returns the best metric, the next epoch and the pending change. All or
+        nothing: on any error the model and optimizer are left as they were."""
+        if resume is True:
+            if self.checkpoint_dir is None:
+                raise ConfigError("resume=True reads <checkpoint_dir>/resume.pt: pass "
+                                  "Trainer(..., checkpoint_dir=...) or resume='path/resume.pt'")
+            path = self.checkpoint_dir / LAST
+        elif isinstance(resume, str | Path):
+            path = Path(resume)
+        else:
+            raise ConfigError(f"resume must be True, False or a path, got {resume!r}")
+        before = Snapshot.take(self.model, self.optimizer)
+        try:
+            state, pending = read_run(path, self.model, self.optimizer)
+            if int(state["epoch"]) >= epochs:
+                raise ConfigError(f"resume: the run already trained {state['epoch']} epochs; "
+                                  f"pass epochs > {state['epoch']} to train more")
+            if (state["scheduler"] is None) != (self.scheduler is None):
+                raise ConfigError("resume: the run was trained with"
+                                  f"{'' if state['scheduler'] is not None else 'out'} a "
+                                  "scheduler; build the Trainer as at the start of the run")
+            self._gate(example)
+            assert self.ib is not None and self._gate_opt is not None
+            try:
+                self.ib.load_state_dict(state["gates"])
+                self._gate_opt.load_state_dict(state["gate_optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(f"the gates in '{path}' do not fit this model: {e}") from e
+        except BaseException:
+            self._absorb()
+            before.restore(self.model, self.optimizer)
+            raise
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.history = {k: [float(v) for v in vs] for k, vs in state["history"].items()}
+        self.feedback = float(state["feedback"])
+        torch.set_rng_state(state["rng"])
+        self._rewrap()
+        return float(state["best"]), int(state["epoch"]) + 1, pending
+
+    def _save_run(self, epoch: int, best: float, pending: tuple[Snapshot, float] | None
+                  ) -> None:
+        assert self.checkpoint_dir is not None and self.ib is not None
+        assert self._gate_opt is not None
+        write_run(self.checkpoint_dir, self.model, self.optimizer, RunState(
+            epoch, {k: list(v) for k, v in self.history.items()}, best, self.feedback,
+            dict(self.ib.state_dict()), self._gate_opt.state_dict(),
+            self.scheduler.state_dict() if self.scheduler is not None else None,
+            torch.get_rng_state()), pending)
 
     def _checkpoint(self) -> None:
         assert self.checkpoint_dir is not None
