@@ -3,13 +3,9 @@
 A Trainer run (``resume.pt``: model, optimizer, gates, scheduler, history and random state)
 resumes to the uninterrupted run bit for bit: the same history rows and the same weights.
 
-A DNM run reaches the same architecture as an uninterrupted run with the same seed.
-
-The checkpoint holds the model, the optimizer, DNM's policy state and the recorder's sampling
-state, so the epochs after the resume train exactly as the uninterrupted run's until the next
-change. The statistics recorded since the last change are not in the checkpoint, so the next
-split may copy other units: the same number (the same parameter counts), and the losses
-after it agree within 2%.
+A DNM run (``last.pt``: model, optimizer, DNM's state with the recorder's statistics since the
+last change, its sampling state and the number of growths, and the random state) resumes to
+the uninterrupted run bit for bit too: the same history rows, events and weights.
 """
 
 from __future__ import annotations
@@ -66,16 +62,18 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> Non
     rows = [[json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
             for run in (whole, broken)]
     assert [r["epoch"] for r in rows[1]] == [1, 2, 3, 4, 5]
-    for a_row, b_row in zip(*rows, strict=True):
-        assert a_row["parameters"] == b_row["parameters"]
-        assert a_row["train_loss"] == pytest.approx(b_row["train_loss"], rel=0.02)
-        assert a_row["val_accuracy"] == pytest.approx(b_row["val_accuracy"], abs=0.02)
-    for a_row, b_row in zip(rows[0][:done], rows[1][:done], strict=True):  # before the kill
-        assert a_row == b_row
+    assert rows[0] == rows[1]
+    assert rows[0][-1]["parameters"] > rows[0][done - 1]["parameters"], \
+        "nothing grew after the kill: weak test"
+    events = [[json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+              for run in (whole, broken)]
+    assert events[0] == events[1]
     models = [neuroexapt.load(run / "last.pt", lambda: DigitsCNN(width=4))[0]
               for run in (whole, broken)]
     a, b = (m.state_dict() for m in models)
-    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    import torch
+
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 TRAINER_CONFIG = """model: digits_cnn

@@ -179,7 +179,7 @@ def train_command(config: str | None, resume: str | None, progress: bool = True)
     torch.manual_seed(seed)
     factory = build_model(cfg.model, cfg.model_args)
     x_tr, y_tr, x_va, y_va, x_te, y_te = build_data(cfg, seed)
-    start_epoch, policy_state = 1, None
+    start_epoch, policy_state, rng = 1, None, None
     if resume and cfg.method != "trainer":  # a Trainer resumes itself from its resume.pt
         last = run / "last.pt"
         if not last.exists():
@@ -190,6 +190,7 @@ def train_command(config: str | None, resume: str | None, progress: bool = True)
         state = ckpt.policy_state or {}
         done = int(state.get("epoch", 0))  # the epoch the checkpoint was written after
         policy_state = state.get("dnm")
+        rng = state.get("rng")  # absent in checkpoints of earlier versions
         rows = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x]
         rows = [r for r in rows if int(r["epoch"]) <= done]  # a kill between the two writes
         start_epoch = done + 1
@@ -213,6 +214,8 @@ def train_command(config: str | None, resume: str | None, progress: bool = True)
                            events_path=run / "events.jsonl", seed=seed)
         if policy_state is not None:
             dnm.load_state_dict(policy_state)
+    if rng is not None:
+        torch.set_rng_state(rng)  # the random state the run had after the checkpoint's epoch
     if cfg.method == "trainer":
         _fit_trainer(cfg, model, optimizer, sink, run, epochs, (x_tr, y_tr), val, batch, seed,
                      resume=resume is not None)
@@ -276,14 +279,14 @@ def _fit_trainer(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 class _RunState:
-    """What a run's checkpoint keeps besides the model: the epoch it was written after, and
-    DNM's state (``neuroexapt.save(..., policy=)``)."""
+    """What a run's checkpoint keeps besides the model: the epoch it was written after, DNM's
+    state (``neuroexapt.save(..., policy=)``) and torch's global random state."""
 
     def __init__(self, epoch: int, dnm: Any) -> None:
         self.epoch, self.dnm = epoch, dnm
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch,
+        return {"epoch": self.epoch, "rng": torch.get_rng_state(),
                 "dnm": self.dnm.state_dict() if self.dnm is not None else None}
 
 

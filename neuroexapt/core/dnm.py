@@ -521,10 +521,10 @@ class DNMFramework:
             "boosted": boosted,
             "events": [e.to_dict() for e in self.events.events],
             "generator": self.division._gen.get_state(),
-            # the recorder's sampling, so that a resumed run records what an uninterrupted one
-            # records: which pass is due next, and the generator of its samples
-            "recorder": {"steps": self.recorder.steps, "due": self.recorder._due,
-                         "generator": self.recorder._gen.get_state()},
+            "grown": self.expander._made,  # growths so far: each seeds its new units' fan-in
+            # what the recorder holds since the last change, and its sampling, so that a
+            # resumed run records and decides what an uninterrupted one would
+            "recorder": self.recorder.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -557,16 +557,20 @@ class DNMFramework:
                 self.boost._hook(self.optimizer)
             self.events.events = [MorphogenesisEvent(**e) for e in state["events"]]
             self.division._gen.set_state(state["generator"])
-            recorder = state.get("recorder")  # absent in checkpoints of earlier versions
-            if recorder:
-                self.recorder.steps = int(recorder["steps"])
-                self.recorder._due = bool(recorder["due"])
-                self.recorder._gen.set_state(recorder["generator"])
+            self.expander._made = int(state.get("grown", 0))  # absent in earlier versions
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"not a DNMFramework state (or one of another model): {e!r}") \
                 from e
         self._snapshot, self.report, self._bypass = None, None, {}
         self.recorder.attach()
+        recorder = state.get("recorder")  # absent in checkpoints of earlier versions
+        if recorder:
+            if "stats" in recorder:
+                self.recorder.load_state_dict(recorder)
+            else:  # sampling state only (earlier versions)
+                self.recorder.steps = int(recorder["steps"])
+                self.recorder._due = bool(recorder["due"])
+                self.recorder._gen.set_state(recorder["generator"])
         self._update_recording()
 
 

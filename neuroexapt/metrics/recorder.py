@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from neuroexapt.errors import ConfigError, NeuroExaptError
+from neuroexapt.errors import CheckpointError, ConfigError, NeuroExaptError
 from neuroexapt.metrics.collector import (
     CHANNELS_FIRST,
     LayerSpec,
@@ -57,6 +57,7 @@ from neuroexapt.metrics.collector import (
     _units_view,
     sample_positions,
 )
+from neuroexapt.metrics.state import from_plain, to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -412,6 +413,47 @@ class TrainingRecorder:
 
     def _sample(self, values: torch.Tensor) -> torch.Tensor:
         return sample_positions(values, self.max_positions, self._gen)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything recorded since the last :meth:`reset`, and the sampling state, as plain
+        data (:mod:`neuroexapt.metrics.state`): a run resumed from it records and decides
+        what an uninterrupted run would."""
+        state = {"steps": self.steps, "due": self._due, "generator": self._gen.get_state(),
+                 "recorded": self.recorded, "labels_inferred": self.labels_inferred,
+                 "stats": to_plain(self.stats), "layers": list(self.layers),
+                 "example_inputs": to_plain(self.example_inputs),
+                 "last_batch": to_plain(self.last_batch)}
+        if self._pairs_resolved:
+            state["growth"] = to_plain(self.growth)
+            state["consumed_by"] = to_plain(self._consumed_by)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` on a recorder attached to the same layers.
+
+        Raises:
+            CheckpointError: a state of other layers, or not a recorder's.
+        """
+        if list(state.get("layers", [])) != self.layers:
+            raise CheckpointError(f"the recorder's state is of layers {state.get('layers')}, "
+                                  f"this recorder watches {self.layers}")
+        device = next(iter(self.model.parameters()), torch.empty(0)).device
+        try:
+            stats = from_plain(state["stats"], device)
+            growth = from_plain(state["growth"], device) if "growth" in state else None
+            consumed = from_plain(state["consumed_by"]) if "consumed_by" in state else None
+            self.example_inputs = from_plain(state["example_inputs"], device)
+            self.last_batch = from_plain(state["last_batch"], device)
+            self.recorded = int(state["recorded"])
+            self.labels_inferred = state["labels_inferred"]
+        except KeyError as e:
+            raise CheckpointError(f"not a recorder's state: {e!r} is missing") from e
+        self.stats = stats
+        if growth is not None:
+            self.growth, self._consumed_by, self._pairs_resolved = growth, consumed, True
+        self.steps, self._due = int(state["steps"]), bool(state["due"])
+        self._gen.set_state(state["generator"])
 
     def memory_bytes(self) -> int:
         """Bytes held by the accumulators (statistics and bypass gradients)."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from neuroexapt.errors import CheckpointError, NeuroExaptError
 from neuroexapt.graph.wrappers import accepts_wrapped
-from neuroexapt.ops.history import EditRecord, get_history, make_inputs
+from neuroexapt.ops.history import EditRecord, get_history, make_inputs, set_history
 from neuroexapt.optim.named import load_named_state, named_state
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def replay(model: nn.Module, history: list[EditRecord], *,
     from neuroexapt.relax.specs import build_module, replace_module
 
     device = next(iter(model.parameters()), torch.empty(0)).device
+    before = get_history(model)
     for i, r in enumerate(history):
         x, a = make_inputs(r.inputs, device), r.args
         try:
@@ -133,6 +134,9 @@ def replay(model: nn.Module, history: list[EditRecord], *,
                 f"{type(model).__name__} failed: {e}. model_factory must build the same "
                 "architecture the checkpoint started from"
             ) from e
+    if len(get_history(model)) == len(before) + len(history):
+        # the records as saved: what a policy added to an edit's record (a growth's init) too
+        set_history(model, before + list(history))
 
 
 def load(
