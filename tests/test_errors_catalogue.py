@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import neuroexapt
+import neuroexapt.core
 from neuroexapt import errors
 from neuroexapt.core import DNMFramework
 from neuroexapt.train.digits import DigitsCNN
@@ -141,6 +142,19 @@ ROWS: list[tuple[str, Callable[[nn.Module, Path], Any], type[Exception], str]] =
     ("a DistributedDataParallel model passed to an edit",
      lambda m, t: neuroexapt.widen(_fake_ddp(m), "features.0", 2, example_inputs=X),
      errors.ConfigError, r"DistributedDataParallel.*edit.*module"),
+    ("a torch.compile(fullgraph=True) model given to DNMFramework",
+     lambda m, t: neuroexapt.core.DNMFramework(torch.compile(m, fullgraph=True)),
+     errors.ConfigError, r"fullgraph=True\) cannot trace.*compile with fullgraph=False"),
+    ("resuming a Trainer run that already trained its epochs",
+     lambda m, t: (neuroexapt.Trainer(model=DigitsCNN(), checkpoint_dir=str(t),
+                                      progress=False).fit([(X, Y)], [(X, Y)], epochs=1),
+                   neuroexapt.Trainer(model=m, checkpoint_dir=str(t), progress=False).fit(
+                       [(X, Y)], [(X, Y)], epochs=1, resume=True)),
+     errors.ConfigError, r"already trained 1 epochs; pass epochs > 1"),
+    ("resuming from a checkpoint without a Trainer's state",
+     lambda m, t: neuroexapt.Trainer(model=m, progress=False).fit(
+         [(X, Y)], [(X, Y)], epochs=1, resume=_saved(t)),
+     errors.CheckpointError, r"not a Trainer's resume.pt"),
 ]
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from neuroexapt.distributed import broadcast, is_distributed, rewrap, split_ddp, synchronize
 from neuroexapt.errors import ConfigError, NeuroExaptError
 from neuroexapt.graph import graph_cache
+from neuroexapt.graph.wrappers import refuse_fullgraph
 from neuroexapt.metrics.analyze import report_from_stats
 from neuroexapt.metrics.cost import count_macs
 from neuroexapt.metrics.recorder import BypassGradient, TrainingRecorder
@@ -121,6 +122,7 @@ class DNMFramework:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer= must be a torch.optim.Optimizer, got {optimizer!r}")
         self.config = DNMConfig.from_dict(config)
+        refuse_fullgraph(model, "DNMFramework")
         model, self._ddp = split_ddp(model)
         self._model = model
         self.optimizer = optimizer

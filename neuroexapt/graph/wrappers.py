@@ -7,7 +7,9 @@ Edits, tracing and pruning work on the module the wrapper holds, under its own l
 
 * ``torch.compile``: the compiled module guards on its parameters, so its next call after an
   edit recompiles by itself; after many edits, compile the model again
-  (``torch.compile(model)``) to stay under dynamo's recompile limit.
+  (``torch.compile(model)``) to stay under dynamo's recompile limit. The policies that watch
+  a model through hooks (DNM's recorder, the Trainer's gates) refuse ``fullgraph=True``
+  (:func:`refuse_fullgraph`), which cannot trace them.
 * ``nn.DataParallel`` copies the module to its devices at every forward: edits just work.
 * ``DistributedDataParallel`` keeps gradient buckets of the parameters it was built with; an
   edit under it would leave new parameters unsynchronised, so it is refused with the fix.
@@ -23,7 +25,7 @@ from torch import nn
 
 from neuroexapt.errors import ConfigError
 
-__all__ = ["accepts_wrapped", "unwrap", "wrapper_prefixes"]
+__all__ = ["accepts_wrapped", "refuse_fullgraph", "unwrap", "wrapper_prefixes"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,6 +59,31 @@ def unwrap(model: Any) -> Any:
             )
         else:
             return model
+
+
+def refuse_fullgraph(model: Any, who: str) -> None:
+    """Raise if ``model`` (or a module inside its wrappers) is ``torch.compile``d with
+    ``fullgraph=True``: ``who`` measures or gates the model through Python hooks, which such a
+    compile cannot trace (the first training step would stop with dynamo's ``Unsupported``).
+
+    Raises:
+        ConfigError: naming the fix.
+    """
+    compiled = _compiled_type()
+    while True:
+        if compiled is not None and isinstance(model, compiled):
+            if getattr(getattr(model, "dynamo_ctx", None), "fullgraph", False):
+                raise ConfigError(
+                    f"{who} measures the model through Python hooks, which "
+                    "torch.compile(..., fullgraph=True) cannot trace (the first training step "
+                    "would stop in dynamo): compile with fullgraph=False (the hooks then run "
+                    "between compiled graphs), or train the model uncompiled and compile the "
+                    "final one")
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return
 
 
 def wrapper_prefixes(name: str) -> list[str]:

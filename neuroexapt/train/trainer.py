@@ -63,6 +63,7 @@ from neuroexapt.distributed import (
 )
 from neuroexapt.errors import AnalysisError, CheckpointError, ConfigError, NeuroExaptError
 from neuroexapt.graph import trace
+from neuroexapt.graph.wrappers import refuse_fullgraph
 from neuroexapt.metrics.estimators import label_entropy
 from neuroexapt.ops import narrow, remove_block, save
 from neuroexapt.ops.edit import count_parameters
@@ -140,6 +141,7 @@ class Trainer:
                               f"{recalibrate_batches!r}")
         if not 0 < max_prune_fraction <= 1:
             raise ConfigError(f"max_prune_fraction must be in (0, 1], got {max_prune_fraction}")
+        refuse_fullgraph(model, "the Trainer")
         model, self._ddp = split_ddp(model)  # under DDP: the module is edited, the wrapper
         # trains and is rebuilt after each change (see neuroexapt.distributed)
         self.search_epochs, self.search_options = _check_search(model, search_epochs, search,
