@@ -16,7 +16,8 @@ keeps working. The model is traced on the first training batch's main input (the
 passed as the forward's first argument that the batch holds, such as ``input_ids`` or
 ``pixel_values``).
 
-Not supported: resuming a Trainer checkpoint of a grown model (``save_pretrained`` writes
+Not supported: several processes (refused: the Trainer's DDP wrapper cannot be rebuilt from
+a callback); resuming a Trainer checkpoint of a grown model (``save_pretrained`` writes
 the grown weights, but the model's ``config`` still describes the original sizes); save with
 ``neuroexapt.save(trainer.model, path)`` and rebuild with ``neuroexapt.load``.
 """
@@ -97,6 +98,12 @@ class DNMTrainerCallback(TrainerCallback):
             raise ConfigError("DNMTrainerCallback decides after evaluations: set "
                               "TrainingArguments(eval_strategy='epoch') (or 'steps') and an "
                               "eval_dataset")
+        if int(getattr(args, "world_size", 1) or 1) > 1:
+            raise ConfigError("DNMTrainerCallback runs on one process: transformers.Trainer "
+                              "keeps its DistributedDataParallel wrapper out of the callbacks' "
+                              "reach, so grown units would never be synchronised across the "
+                              "processes. Train on one process, or use DNMFramework in your own "
+                              "loop or the Lightning callback under DDP (docs/distributed.md)")
         assert model is not None
         extra: dict[str, Any] = {"optimizer": _torch_optimizer(optimizer)}
         if "example_inputs" not in self.growth.options and train_dataloader is not None:

@@ -94,8 +94,11 @@ class DNMCallback(Callback):
             raise ConfigError(f"DNMCallback monitors '{self.monitor}', which the module does not "
                               f"log; logged: {sorted(trainer.callback_metrics)}. Log it with "
                               f"self.log('{self.monitor}', ...) in validation_step")
+        params = [id(p) for p in pl_module.parameters()]
         result = self.growth.after_evaluation(trainer.current_epoch + 1, float(value),
                                               self._optimizer(trainer))
+        if [id(p) for p in pl_module.parameters()] != params:  # a change, or a rollback
+            self._rewrap(trainer)
         if result is None:
             return
         for lg in trainer.loggers:
@@ -120,7 +123,35 @@ class DNMCallback(Callback):
             self._restore = None
         self.growth.close()
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        if trainer.world_size <= 1:
+            return
+        if not isinstance(trainer.strategy, DDPStrategy):
+            raise ConfigError(f"DNMCallback under several processes needs strategy='ddp', got "
+                              f"{type(trainer.strategy).__name__}: its wrapper is rebuilt "
+                              "around the grown module")
+        if getattr(trainer.strategy, "_start_method", "popen") != "popen":
+            raise ConfigError("DNMCallback cannot grow under strategy='ddp_spawn' (or 'ddp_fork'): "
+                              "Lightning loads the workers' weights into the main process's "
+                              "module, which did not grow; use strategy='ddp' (it launches the "
+                              "other processes itself, or run under torchrun)")
+
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _rewrap(trainer: Trainer) -> None:
+        """Under DDP: a new wrapper around the edited module (DDP's gradient buckets only know
+        the parameters it was built with; :func:`neuroexapt.distributed.rewrap`)."""
+        from neuroexapt.distributed import DDP, rewrap
+
+        wrapper = trainer.strategy.model
+        if isinstance(wrapper, DDP):
+            trainer.strategy.model = rewrap(wrapper, wrapper.module)
+            register = getattr(trainer.strategy, "_register_ddp_hooks", None)
+            if register is not None:  # the strategy's communication hook, if it has one
+                register()
+
     def _model(self, pl_module: LightningModule) -> nn.Module:
         model = getattr(pl_module, self.attr, None) if self.attr else pl_module
         if not isinstance(model, nn.Module):

@@ -67,3 +67,17 @@ def test_without_evaluations_the_callback_says_what_to_set(tmp_path: Path) -> No
                                    callbacks=[DNMTrainerCallback(EAGER)])
     with pytest.raises(ConfigError, match="eval_strategy"):
         trainer.train()
+
+
+def test_several_processes_are_refused_before_training() -> None:
+    """The Trainer's DDP wrapper is out of a callback's reach: refused, nothing built."""
+    from types import SimpleNamespace
+
+    callback = DNMTrainerCallback(EAGER)
+    model = _model()
+    args = SimpleNamespace(eval_strategy="epoch", world_size=2)
+    with pytest.raises(ConfigError, match="one process"):
+        callback.on_train_begin(args, None, None, model=model,
+                                optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert callback.dnm is None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

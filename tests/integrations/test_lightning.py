@@ -114,3 +114,26 @@ def test_several_optimizers_over_the_grown_model_are_refused(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="exactly one optimizer"):
         trainer.fit(module, train, val)
     assert neuroexapt.get_history(module.net) == []
+
+
+def test_two_processes_grow_alike_and_train_the_new_units_together(tmp_path: Path) -> None:
+    """strategy='ddp' on two CPU processes (gloo): after every validation both ranks hold the
+    same architecture and the same weights, and Lightning's DDP wrapper holds the grown
+    module's parameters (a stale wrapper would leave the new units unsynchronised)."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "helpers" / "lightning_ddp.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"lightning{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    for a, b in zip(*ranks, strict=True):
+        assert a["digest"] == b["digest"] and a["wrapper_params"] and b["wrapper_params"]
+        assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-6, abs=1e-6)
+    assert ranks[0][-1]["parameters"] > sum(p.numel() for p in DigitsCNN(width=4).parameters())
+    spawned = subprocess.run([sys.executable, str(script), str(tmp_path), "ddp_spawn"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert spawned.returncode != 0 and "use strategy='ddp'" in spawned.stderr
