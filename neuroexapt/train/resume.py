@@ -35,9 +35,9 @@ from neuroexapt.policy.rollback import Snapshot
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LAST", "PENDING", "RunState", "read_run", "write_run"]
+__all__ = ["PENDING_FILE", "RESUME_FILE", "RunState", "read_run", "write_run"]
 
-LAST, PENDING = "resume.pt", "resume_pending.pt"
+RESUME_FILE, PENDING_FILE = "resume.pt", "resume_pending.pt"
 _KIND = "neuroexapt-trainer"
 
 
@@ -81,11 +81,11 @@ def write_run(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     state.pending = pending is not None
     if pending is not None:  # first: a resume.pt never points at a pending file not written
         snapshot, metric = pending
-        save(snapshot.model, folder / PENDING,
+        save(snapshot.model, folder / PENDING_FILE,
              policy=_Before(snapshot.optimizer_state, metric, state.epoch))
-    save(model, folder / LAST, optimizer, policy=state)
+    save(model, folder / RESUME_FILE, optimizer, policy=state)
     if pending is None:
-        (folder / PENDING).unlink(missing_ok=True)
+        (folder / PENDING_FILE).unlink(missing_ok=True)
 
 
 def read_run(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
@@ -106,7 +106,7 @@ def read_run(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         raise CheckpointError(f"'{path}' is not a Trainer's resume.pt (it has no Trainer state)")
     pending = None
     if state.get("pending"):  # a resume_pending.pt of another epoch is left over from a kill
-        before = path.parent / PENDING
+        before = path.parent / PENDING_FILE
         saved = restore(before, fresh) if before.is_file() else None
         if not saved or saved.get("kind") != _KIND or saved.get("epoch") != state["epoch"]:
             raise CheckpointError(f"'{path}' awaits the rollback check of a change but "

@@ -71,7 +71,7 @@ from neuroexapt.ops.history import get_history
 from neuroexapt.policy.rollback import Snapshot
 from neuroexapt.train.bottleneck import InformationBottleneck
 from neuroexapt.train.facade import NeuroExapt, facade_of
-from neuroexapt.train.resume import LAST, RunState, read_run, write_run
+from neuroexapt.train.resume import RESUME_FILE, RunState, read_run, write_run
 
 logger = logging.getLogger(__name__)
 
@@ -499,7 +499,7 @@ class Trainer:
             if self.checkpoint_dir is None:
                 raise ConfigError("resume=True reads <checkpoint_dir>/resume.pt: pass "
                                   "Trainer(..., checkpoint_dir=...) or resume='path/resume.pt'")
-            path = self.checkpoint_dir / LAST
+            path = self.checkpoint_dir / RESUME_FILE
         elif isinstance(resume, str | Path):
             path = Path(resume)
         else:
