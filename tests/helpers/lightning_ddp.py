@@ -20,10 +20,14 @@ from neuroexapt.train.digits import DigitsCNN, load_digits
 
 
 class Digits(L.LightningModule):
-    def __init__(self) -> None:
+    """A LightningModule around the digits CNN; ``optimizers > 1`` configures several (for the
+    refusal test), else one SGD with a StepLR scheduler."""
+
+    def __init__(self, optimizers: int = 1) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = DigitsCNN(width=4)
+        self.optimizers_count = optimizers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -37,7 +41,13 @@ class Digits(L.LightningModule):
         self.log("val_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        opts = [torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+                for _ in range(self.optimizers_count)]
+        if self.optimizers_count > 1:
+            self.automatic_optimization = False
+            return opts
+        sched = torch.optim.lr_scheduler.StepLR(opts[0], step_size=1, gamma=0.9)
+        return {"optimizer": opts[0], "lr_scheduler": sched}
 
 
 class Record(L.Callback):

@@ -7,44 +7,17 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import neuroexapt
 from neuroexapt.errors import ConfigError
 from neuroexapt.train.digits import DigitsCNN, load_digits
 
 L = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
+from helpers.lightning_ddp import Digits  # noqa: E402
+
 from neuroexapt.integrations.lightning import DNMCallback  # noqa: E402
 
 EAGER = {"morphogenesis_interval": 1, "trigger_on_bottleneck": True}
-
-
-class Digits(L.LightningModule):
-    def __init__(self, optimizers: int = 1) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = DigitsCNN(width=4)
-        self.optimizers_count = optimizers
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, _: int) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: Any, _: int) -> None:
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self) -> Any:
-        opts = [torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-                for _ in range(self.optimizers_count)]
-        if self.optimizers_count > 1:
-            self.automatic_optimization = False
-            return opts
-        sched = torch.optim.lr_scheduler.StepLR(opts[0], step_size=1, gamma=0.9)
-        return {"optimizer": opts[0], "lr_scheduler": sched}
 
 
 def _loaders() -> tuple[Any, Any]:
