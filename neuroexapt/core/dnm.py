@@ -531,6 +531,12 @@ class DNMFramework:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (after the model and optimizer were restored)."""
+        recorder = state.get("recorder") if isinstance(state, Mapping) else None
+        layers = recorder.get("layers") if isinstance(recorder, Mapping) else None
+        if layers is not None and list(layers) != self.recorder.layers:  # before any change
+            raise ConfigError(f"the state's recorder watched layers {list(layers)}, this "
+                              f"framework's watches {self.recorder.layers}: load it on a "
+                              "framework built like the saved one (same layers= option)")
         try:
             params = dict(self._model.named_parameters())
             self._epoch = int(state["epoch"])
@@ -565,8 +571,7 @@ class DNMFramework:
                 from e
         self._snapshot, self.report, self._bypass = None, None, {}
         self.recorder.attach()
-        recorder = state.get("recorder")  # absent in checkpoints of earlier versions
-        if recorder:
+        if recorder:  # absent in checkpoints of earlier versions
             if "stats" in recorder:
                 self.recorder.load_state_dict(recorder)
             else:  # sampling state only (earlier versions)
