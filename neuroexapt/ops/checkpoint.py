@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from neuroexapt.errors import CheckpointError, NeuroExaptError
-from neuroexapt.graph.wrappers import accepts_wrapped
+from neuroexapt.graph.wrappers import accepts_wrapped, unwrap
 from neuroexapt.ops.history import EditRecord, get_history, make_inputs, set_history
 from neuroexapt.optim.named import load_named_state, named_state
 
@@ -169,7 +169,6 @@ def load(
     return Checkpoint(model, optimizer, _policy(data))
 
 
-@accepts_wrapped
 def restore(path: str | os.PathLike[str], model: nn.Module,
             optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
     """Resume in place: ``model`` (unedited, as built at the start of the run) and its
@@ -182,6 +181,7 @@ def restore(path: str | os.PathLike[str], model: nn.Module,
         CheckpointError: an unreadable or foreign file, a model already edited, edits or
             weights that do not fit the model.
     """
+    model = unwrap(model)  # the model is the second argument: accepts_wrapped would miss it
     data = _read(path)
     if get_history(model):
         raise CheckpointError(f"restore('{path}', model): the model already holds "

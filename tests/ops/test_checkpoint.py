@@ -318,3 +318,15 @@ def _valid() -> dict[str, Any]:
 def test_from_dict_rejects_malformed_data(data: Any) -> None:
     with pytest.raises(CheckpointError, match=r"malformed edit record"):
         EditRecord.from_dict(data)
+
+
+def test_restore_resumes_a_wrapped_model_in_place(tmp_path: Path) -> None:
+    """``restore(path, model)``: the model is its second argument, unwrapped all the same."""
+    torch.manual_seed(0)
+    edited = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    neuroexapt.widen(edited, "0", 2, example_inputs=(torch.randn(2, 4),))
+    neuroexapt.save(edited, tmp_path / "a.pt")
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert neuroexapt.restore(tmp_path / "a.pt", nn.DataParallel(fresh)) is None
+    assert fresh[0].out_features == 10 and torch.equal(fresh[0].weight, edited[0].weight)
+    assert neuroexapt.get_history(fresh) == neuroexapt.get_history(edited)
