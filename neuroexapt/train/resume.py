@@ -20,8 +20,8 @@ killed at any moment resumes from the last complete epoch. (``best.pt`` is the m
 
 from __future__ import annotations
 
-import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,13 +53,10 @@ class RunState:
     gate_optimizer: dict[str, Any]
     scheduler: dict[str, Any] | None
     rng: torch.Tensor
-    pending: bool = False  # a change awaits its rollback check (in resume_pending.pt)
+    pending: bool  # a change awaits its rollback check (in resume_pending.pt)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": _KIND, "epoch": self.epoch, "history": self.history, "best": self.best,
-                "feedback": self.feedback, "gates": self.gates,
-                "gate_optimizer": self.gate_optimizer, "scheduler": self.scheduler,
-                "rng": self.rng, "pending": self.pending}
+        return {"kind": _KIND, **vars(self)}
 
 
 class _Before:
@@ -78,7 +75,7 @@ def write_run(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
               state: RunState, pending: tuple[Snapshot, float] | None) -> None:
     """Write ``resume.pt`` (and ``resume_pending.pt`` while a change awaits its check)."""
     folder.mkdir(parents=True, exist_ok=True)
-    state.pending = pending is not None
+    assert state.pending == (pending is not None)
     if pending is not None:  # first: a resume.pt never points at a pending file not written
         snapshot, metric = pending
         save(snapshot.model, folder / PENDING_FILE,
@@ -88,10 +85,12 @@ def write_run(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         (folder / PENDING_FILE).unlink(missing_ok=True)
 
 
-def read_run(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-             ) -> tuple[dict[str, Any], tuple[Snapshot, float] | None]:
+def read_run(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             unedited: Callable[[], nn.Module]) -> tuple[dict[str, Any],
+                                                          tuple[Snapshot, float] | None]:
     """Restore ``model`` and ``optimizer`` in place from ``path`` (a ``resume.pt``); returns the
     Trainer's saved state and the pending change's snapshot and metric (None without one).
+    ``unedited`` makes a copy of the model as built, called only when a change is pending.
 
     Raises:
         ConfigError: no such file.
@@ -100,13 +99,13 @@ def read_run(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     if not path.is_file():
         raise ConfigError(f"resume: no checkpoint '{path}'; pass resume=True with the "
                           "checkpoint_dir of the run, or the path of its resume.pt")
-    fresh = copy.deepcopy(model)  # the unedited model, for the pending change's snapshot
     state = restore(path, model, optimizer)
     if not state or state.get("kind") != _KIND:
         raise CheckpointError(f"'{path}' is not a Trainer's resume.pt (it has no Trainer state)")
     pending = None
     if state.get("pending"):  # a resume_pending.pt of another epoch is left over from a kill
         before = path.parent / PENDING_FILE
+        fresh = unedited()
         saved = restore(before, fresh) if before.is_file() else None
         if not saved or saved.get("kind") != _KIND or saved.get("epoch") != state["epoch"]:
             raise CheckpointError(f"'{path}' awaits the rollback check of a change but "

@@ -506,7 +506,8 @@ class Trainer:
             raise ConfigError(f"resume must be True, False or a path, got {resume!r}")
         before = Snapshot.take(self.model, self.optimizer)
         try:
-            state, pending = read_run(path, self.model, self.optimizer)
+            state, pending = read_run(path, self.model, self.optimizer,
+                                      lambda: copy.deepcopy(before.model))
             if int(state["epoch"]) >= epochs:
                 raise ConfigError(f"resume: the run already trained {state['epoch']} epochs; "
                                   f"pass epochs > {state['epoch']} to train more")
@@ -541,7 +542,7 @@ class Trainer:
             epoch, {k: list(v) for k, v in self.history.items()}, best, self.feedback,
             dict(self.ib.state_dict()), self._gate_opt.state_dict(),
             self.scheduler.state_dict() if self.scheduler is not None else None,
-            torch.get_rng_state()), pending)
+            torch.get_rng_state(), pending is not None), pending)
 
     def _checkpoint(self) -> None:
         assert self.checkpoint_dir is not None
