@@ -532,11 +532,8 @@ class DNMFramework:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (after the model and optimizer were restored)."""
         recorder = state.get("recorder") if isinstance(state, Mapping) else None
-        layers = recorder.get("layers") if isinstance(recorder, Mapping) else None
-        if layers is not None and list(layers) != self.recorder.layers:  # before any change
-            raise ConfigError(f"the state's recorder watched layers {list(layers)}, this "
-                              f"framework's watches {self.recorder.layers}: load it on a "
-                              "framework built like the saved one (same layers= option)")
+        if isinstance(recorder, Mapping) and "stats" in recorder:
+            self.recorder.check_state(dict(recorder))  # before anything changes
         try:
             params = dict(self._model.named_parameters())
             self._epoch = int(state["epoch"])

@@ -429,15 +429,21 @@ class TrainingRecorder:
             state["consumed_by"] = to_plain(self._consumed_by)
         return state
 
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise :class:`CheckpointError` unless ``state`` was recorded on this recorder's
+        layers (callers check before they change anything)."""
+        if list(state.get("layers", [])) != self.layers:
+            raise CheckpointError(f"the recorder's state is of layers {state.get('layers')}, "
+                                  f"this recorder watches {self.layers}: load it where the "
+                                  "same layers are watched (the same layers= option)")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` on a recorder attached to the same layers.
 
         Raises:
             CheckpointError: a state of other layers, or not a recorder's.
         """
-        if list(state.get("layers", [])) != self.layers:
-            raise CheckpointError(f"the recorder's state is of layers {state.get('layers')}, "
-                                  f"this recorder watches {self.layers}")
+        self.check_state(state)
         device = next(iter(self.model.parameters()), torch.empty(0)).device
         try:
             stats = from_plain(state["stats"], device)

@@ -303,3 +303,23 @@ def test_a_rollback_reattaches_the_recorder(digits: dict[str, Data]) -> None:
     dnm.close()
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     assert hooks == 0
+
+
+def test_a_state_of_other_layers_is_refused_before_anything_changes() -> None:
+    from neuroexapt.errors import CheckpointError
+
+    torch.manual_seed(0)
+    x, y, _, _ = load_digits(0)
+    model = DigitsCNN(width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    saved = DNMFramework(model, {"morphogenesis_interval": 1}, optimizer=opt)
+    nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
+    saved.record_performance(0.5)
+    state = saved.state_dict()
+    saved.close()
+    other = DNMFramework(model, {"morphogenesis_interval": 1}, optimizer=opt,
+                         layers=["features.0"])
+    with pytest.raises(CheckpointError, match="same layers"):
+        other.load_state_dict(state)
+    assert other.trigger.history == [] and other.recorder.steps == 0
+    other.close()
