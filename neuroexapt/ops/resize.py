@@ -42,15 +42,22 @@ def unit_entries(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:
     return part.reshape(size, -1)
 
 
-def unit_norms(model: nn.Module, group: Group) -> torch.Tensor:
-    """Squared norm of each unit's incoming weights, summed over the group's producers."""
+def unit_norms(model: nn.Module, group: Group, *, readers: bool = False) -> torch.Tensor:
+    """Squared norm of each unit's incoming weights, summed over the group's producers.
+
+    ``readers=True``: the group magnitude instead, every weight entry that computes the unit
+    or reads it (``"in"`` members, every consumer), biases left out.
+    """
+    roles = ("out", "in") if readers else ("out",)
     total = torch.zeros(group.size, dtype=torch.float64)
     for m in group.members:
-        if m.role != "out" or not m.tensor:
+        if m.role not in roles or not m.tensor or (readers and m.tensor.endswith("bias")):
             continue
         owner = model.get_submodule(m.module) if m.module else model
-        t = getattr(owner, m.tensor).detach().double()
-        total += unit_entries(t, m, group.size).pow(2).sum(1).cpu()
+        t = getattr(owner, m.tensor)
+        if readers and not isinstance(t, nn.Parameter):
+            continue
+        total += unit_entries(t.detach().double(), m, group.size).pow(2).sum(1).cpu()
     return total
 
 

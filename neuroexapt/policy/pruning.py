@@ -77,7 +77,7 @@ from neuroexapt.metrics.collector import model_output
 from neuroexapt.metrics.cost import count_macs, measure_latency
 from neuroexapt.ops import EditRecord, narrow_many
 from neuroexapt.ops.edit import count_parameters
-from neuroexapt.ops.resize import atom_units, per_atom, unit_entries
+from neuroexapt.ops.resize import atom_units, per_atom, unit_entries, unit_norms
 from neuroexapt.ops.transaction import transaction
 
 logger = logging.getLogger(__name__)
@@ -512,12 +512,7 @@ def _magnitude(model: nn.Module, groups: list[Group]) -> dict[int, torch.Tensor]
     """Each unit's group magnitude relative to its group's mean (see the module docstring)."""
     out = {}
     for g in groups:
-        total = torch.zeros(g.size, dtype=torch.float64)
-        for m in g.members:
-            t = _tensor(model, m) if m.role in ("out", "in") and m.tensor else None
-            if isinstance(t, nn.Parameter) and not m.tensor.endswith("bias"):
-                total += unit_entries(t.detach().double(), m, g.size).pow(2).sum(1).cpu()
-        norm = total.sqrt()
+        norm = unit_norms(model, g, readers=True).sqrt()
         out[g.id] = norm / norm.mean().clamp_min(1e-30)
     return out
 
