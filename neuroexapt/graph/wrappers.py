@@ -18,7 +18,7 @@ Edits, tracing and pruning work on the module the wrapper holds, under its own l
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from torch import nn
@@ -38,6 +38,19 @@ def _compiled_type() -> type | None:
     return OptimizedModule
 
 
+def _chain(model: Any) -> Iterator[Any]:
+    """``model``, then each module inside its wrappers, outermost first."""
+    compiled = _compiled_type()
+    while True:
+        yield model
+        if compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return
+
+
 def unwrap(model: Any) -> Any:
     """The module inside ``torch.compile`` and ``nn.DataParallel`` wrappers (nested too).
 
@@ -45,20 +58,14 @@ def unwrap(model: Any) -> Any:
         ConfigError: ``model`` is a ``DistributedDataParallel`` (edit ``model.module`` on every
             rank, then wrap it again).
     """
-    compiled = _compiled_type()
-    while True:
-        if compiled is not None and isinstance(model, compiled):
-            model = model._orig_mod
-        elif isinstance(model, nn.DataParallel):
-            model = model.module
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
+    for inner in _chain(model):
+        if isinstance(inner, nn.parallel.DistributedDataParallel):
             raise ConfigError(
                 "the model is wrapped in DistributedDataParallel, whose gradient buckets hold "
                 "the parameters it was built with: edit model.module (the same edit on every "
                 "rank), then wrap it again (model = DistributedDataParallel(model.module, ...))"
             )
-        else:
-            return model
+    return inner
 
 
 def refuse_fullgraph(model: Any, who: str) -> None:
@@ -70,20 +77,14 @@ def refuse_fullgraph(model: Any, who: str) -> None:
         ConfigError: naming the fix.
     """
     compiled = _compiled_type()
-    while True:
-        if compiled is not None and isinstance(model, compiled):
-            if getattr(getattr(model, "dynamo_ctx", None), "fullgraph", False):
-                raise ConfigError(
-                    f"{who} measures the model through Python hooks, which "
-                    "torch.compile(..., fullgraph=True) cannot trace (the first training step "
-                    "would stop in dynamo): compile with fullgraph=False (the hooks then run "
-                    "between compiled graphs), or train the model uncompiled and compile the "
-                    "final one")
-            model = model._orig_mod
-        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return
+    if compiled is not None and any(isinstance(m, compiled) and getattr(
+            getattr(m, "dynamo_ctx", None), "fullgraph", False) for m in _chain(model)):
+        raise ConfigError(
+            f"{who} measures the model through Python hooks, which "
+            "torch.compile(..., fullgraph=True) cannot trace (the first training step "
+            "would stop in dynamo): compile with fullgraph=False (the hooks then run "
+            "between compiled graphs), or train the model uncompiled and compile the "
+            "final one")
 
 
 def wrapper_prefixes(name: str) -> list[str]:
